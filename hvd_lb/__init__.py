@@ -1,0 +1,1 @@
+"""hvd_lb: large-batch optimizers for Horovod."""

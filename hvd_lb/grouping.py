@@ -1,0 +1,42 @@
+"""Which tensors get weight decay and trust-ratio adaptation (SPEC §3).
+
+Default, as in timm and the LARS/LAMB papers: tensors with ``ndim ≤ 1``
+(biases, norm scales) are excluded from both. ``exclude`` name patterns add
+exclusions; ``include`` patterns force a tensor back in (they win).
+Patterns are ``fnmatch`` globs matched against the parameter name (PyTorch)
+or variable path (Keras).
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterable, Sequence
+
+
+def _patterns(arg_name: str, patterns) -> tuple:
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        patterns = (patterns,)
+    patterns = tuple(patterns)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise ValueError(f"invalid {arg_name}={patterns!r}: must be name patterns (strings)")
+    return patterns
+
+
+def is_excluded(name: str, ndim: int, exclude: Sequence[str] = (), include: Sequence[str] = ()) -> bool:
+    """True when tensor ``name`` of rank ``ndim`` gets neither weight decay nor adaptation."""
+    name = name or ""
+    if any(fnmatchcase(name, p) for p in _patterns("include", include)):
+        return False
+    if any(fnmatchcase(name, p) for p in _patterns("exclude", exclude)):
+        return True
+    return ndim <= 1
+
+
+def split(named_shapes: Iterable, exclude=(), include=()):
+    """(name, ndim) pairs → (list of included names, list of excluded names)."""
+    inc, exc = [], []
+    for name, ndim in named_shapes:
+        (exc if is_excluded(name, ndim, exclude, include) else inc).append(name)
+    return inc, exc
