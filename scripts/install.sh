@@ -16,6 +16,9 @@ CACHE="${HVD_LB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_lb}"
 APT_PACKAGES="openmpi-bin libopenmpi-dev dataset-fashion-mnist"
 
 log() { echo "[install] $*"; }
+# This machine's pip config lists local index folders that may be absent; pip
+# warns once per package about them. Keep real errors, drop that noise.
+pip_q() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- 1. Debian packages --------------------------------------------------------
@@ -39,8 +42,8 @@ if [ "$(cat "$VENV/.hvd_lb_deps" 2>/dev/null)" != "$deps_key" ]; then
   log "pip install $deps_key"
   # torch first and alone: with it installed, TF's and others' ranges resolve to
   # the local CPU wheel instead of pulling a CUDA build.
-  "$PY" -m pip install -q "$TORCH_SPEC"
-  "$PY" -m pip install -q "$TF_SPEC" $PY_DEPS
+  pip_q install -q "$TORCH_SPEC"
+  pip_q install -q "$TF_SPEC" $PY_DEPS
   echo "$deps_key" > "$VENV/.hvd_lb_deps"
 else
   log "Python packages present"
@@ -48,7 +51,7 @@ fi
 
 # --- 3. Horovod, built once per (Horovod, torch, TF) and cached as a wheel -------
 torch_v="$("$PY" -c 'import torch; print(torch.__version__.split("+")[0])')"
-tf_v="$("$PY" -c 'import os; os.environ["TF_CPP_MIN_LOG_LEVEL"]="3"; import tensorflow as tf; print(tf.__version__)')"
+tf_v="$("$PY" -c 'import os; os.environ["TF_CPP_MIN_LOG_LEVEL"]="3"; import tensorflow as tf; print(tf.__version__)' 2>/dev/null)"
 key="horovod${HOROVOD_VERSION}-torch${torch_v}-tf${tf_v}-${HOROVOD_GPU_OPERATIONS:-cpu}"
 stamp="$VENV/.hvd_lb_horovod"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$key" ] && "$VENV/bin/horovodrun" --version >/dev/null 2>&1; then
@@ -58,7 +61,7 @@ else
   if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     log "building Horovod $HOROVOD_VERSION ($key), ~15 min on 2 cores"
     build="$(mktemp -d)"
-    "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$build"
+    pip_q download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$build"
     tar xzf "$build"/horovod-"$HOROVOD_VERSION".tar.gz -C "$build"
     src="$build/horovod-$HOROVOD_VERSION"
     # The patch, applied to the pristine sdist (see README, "The Horovod patch"):
@@ -77,18 +80,18 @@ else
       HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
       HOROVOD_WITH_GLOO=1 HOROVOD_WITH_MPI=1 \
       PATH="$VENV/bin:$PATH" \
-      "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$wheel_dir" . )
+      pip_q wheel -q --no-build-isolation --no-deps -w "$wheel_dir" . )
     rm -rf "$build"
   else
     log "using cached wheel in $wheel_dir"
   fi
-  "$PY" -m pip install -q --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
+  pip_q install -q --force-reinstall --no-deps "$wheel_dir"/horovod-*.whl
   echo "$key" > "$stamp"
 fi
 
 # --- 4. hvd_lb itself, editable ---------------------------------------------------
 if ! "$PY" -c 'import hvd_lb' >/dev/null 2>&1; then
   log "pip install -e $ROOT"
-  "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+  pip_q install -q --no-deps --no-build-isolation -e "$ROOT"
 fi
 log "done"

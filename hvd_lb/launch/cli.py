@@ -1,0 +1,192 @@
+"""``hvd-lb``: the demo, a thin ``horovodrun`` wrapper, and an install doctor.
+
+Bad input ends with one ``hvd-lb: error: …`` line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from typing import List, Optional
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+def horovodrun_path() -> Optional[str]:
+    local = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    return local if os.path.exists(local) else shutil.which("horovodrun")
+
+
+# --- run ---------------------------------------------------------------------------
+
+def build_run_command(np_: int, hosts: Optional[str], controller: Optional[str], command: List[str],
+                      threads: Optional[int], fusion_mb: float, cycle_ms: float,
+                      extra: List[str]) -> tuple:
+    """The horovodrun command line and the environment it runs with."""
+    if np_ < 1:
+        raise UsageError(f"invalid -np {np_}: must be an integer in [1, inf)")
+    if not command:
+        raise UsageError("no training command: use hvd-lb run -np N -- python train.py ...")
+    exe = horovodrun_path()
+    if exe is None:
+        raise UsageError("horovodrun not found: run `make install` (scripts/install.sh) and use .venv/bin/hvd-lb")
+    hosts = hosts or f"localhost:{np_}"
+    local = sum(int(h.split(":")[1]) if ":" in h else 1 for h in hosts.split(",") if h.startswith("localhost"))
+    if threads is None:
+        # One worker per core share: oversubscribed BLAS/OpenMP threads are the
+        # commonest cause of slow CPU Horovod jobs.
+        threads = max(1, (os.cpu_count() or 1) // max(1, local or np_))
+    cmd = [exe, "-np", str(np_), "-H", hosts]
+    if controller:
+        cmd.append(f"--{controller}")
+    cmd += ["--fusion-threshold-mb", f"{fusion_mb:g}", "--cycle-time-ms", f"{cycle_ms:g}"]
+    cmd += extra + command
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
+    env.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Open MPI refuses root unless told; containers usually run as root.
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    return cmd, env, threads
+
+
+def cmd_run(args) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    controller = "gloo" if args.gloo else "mpi" if args.mpi else None
+    cmd, env, threads = build_run_command(args.np, args.hosts, controller, command, args.threads,
+                                          args.fusion_threshold_mb, args.cycle_time_ms, [])
+    print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} " + shlex.join(cmd), flush=True)
+    if args.dry_run:
+        return 0
+    return subprocess.call(cmd, env=env)
+
+
+# --- doctor ------------------------------------------------------------------------
+
+def _version(dist: str) -> Optional[str]:
+    from importlib import metadata
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def check_build_flags(exe: Optional[str]) -> dict:
+    """Parse ``horovodrun --check-build``: {'PyTorch': True, 'MPI': False, ...}."""
+    if not exe:
+        return {}
+    try:
+        out = subprocess.run([exe, "--check-build"], capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    flags = {}
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("[X]") or line.startswith("[ ]"):
+            flags[line[3:].strip()] = line.startswith("[X]")
+    return flags
+
+
+def doctor_report():
+    """Rows of (ok, what, detail, fix). ``ok`` is True, False or None (optional/info)."""
+    from ..data import FASHION_MNIST_DIR, fashion_mnist_available
+
+    rows = []
+    py_ok = sys.version_info >= (3, 9)
+    rows.append((py_ok, "Python", sys.version.split()[0], "use Python 3.9+ (3.11 is tested)"))
+    fix_install = "run `make install` (scripts/install.sh) and use .venv/bin/python"
+    torch_v, tf_v = _version("torch"), _version("tensorflow") or _version("tensorflow-cpu")
+    rows.append((torch_v is not None, "PyTorch", torch_v or "not installed", fix_install))
+    rows.append((tf_v is not None if torch_v is None else None, "TensorFlow", tf_v or "not installed",
+                 fix_install + " (needed only for hvd_lb.tf)"))
+    hvd_v = _version("horovod")
+    exe = horovodrun_path()
+    rows.append((hvd_v is not None and exe is not None, "Horovod",
+                 f"{hvd_v} ({exe})" if hvd_v else "not installed", fix_install))
+    flags = check_build_flags(exe) if hvd_v else {}
+    for item, fix in (("PyTorch", "rebuild Horovod with HOROVOD_WITH_PYTORCH=1: " + fix_install),
+                      ("TensorFlow", "rebuild Horovod with HOROVOD_WITH_TENSORFLOW=1: " + fix_install),
+                      ("Gloo", "rebuild Horovod with HOROVOD_WITH_GLOO=1 (needs cmake): " + fix_install),
+                      ("MPI", "apt-get install openmpi-bin libopenmpi-dev, then " + fix_install),
+                      ("NCCL", "on a GPU machine build with HOROVOD_GPU_OPERATIONS=NCCL (docker/Dockerfile.gpu)")):
+        if hvd_v:
+            ok = flags.get(item)
+            needed = item not in ("NCCL",) and not (item == "TensorFlow" and tf_v is None)
+            rows.append((ok if needed else (ok or None), f"Horovod built with {item}",
+                         "yes" if ok else "no", fix))
+    mpirun = shutil.which("mpirun")
+    rows.append((mpirun is not None, "Open MPI (mpirun)", mpirun or "not found",
+                 "apt-get install openmpi-bin libopenmpi-dev"))
+    smi = shutil.which("nvidia-smi")
+    gpus = "none"
+    if smi:
+        try:
+            gpus = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout.strip() or "none"
+        except (OSError, subprocess.TimeoutExpired):
+            gpus = "nvidia-smi failed"
+    rows.append((None, "GPUs", gpus.replace("\n", "; "), "optional: CPU training works; GPUs need the NCCL build"))
+    data_ok = fashion_mnist_available()
+    rows.append((data_ok, "Fashion-MNIST (demo data)", FASHION_MNIST_DIR if data_ok else "missing",
+                 "apt-get install dataset-fashion-mnist"))
+    return rows
+
+
+def cmd_doctor(args) -> int:
+    rows = doctor_report()
+    bad = 0
+    for ok, what, detail, fix in rows:
+        mark = {True: "[ok]  ", False: "[MISSING]", None: "[info]"}[ok]
+        print(f"{mark:9} {what}: {detail}")
+        if ok is False:
+            bad += 1
+            print(f"{'':9}   fix: {fix}")
+    print("everything hvd_lb needs is installed" if not bad else f"{bad} problem(s) found")
+    return 0 if not bad else 1
+
+
+# --- entry point -------------------------------------------------------------------
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvd-lb", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    from . import demo
+
+    demo.add_arguments(sub.add_parser("demo", help="large-batch Fashion-MNIST: base vs VR optimizers"))
+    r = sub.add_parser("run", help="horovodrun with sensible defaults; prints the command")
+    r.add_argument("-np", "--num-proc", dest="np", type=int, required=True)
+    r.add_argument("-H", "--hosts", default=None, help="host:slots,... (default localhost:NP)")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--gloo", action="store_true")
+    g.add_argument("--mpi", action="store_true")
+    r.add_argument("--threads", type=int, default=None, help="threads per worker (default cores / local workers)")
+    r.add_argument("--fusion-threshold-mb", type=float, default=64.0)
+    r.add_argument("--cycle-time-ms", type=float, default=1.0)
+    r.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    r.add_argument("command", nargs=argparse.REMAINDER, help="-- python train.py ...")
+    sub.add_parser("doctor", help="what is installed, what is missing, how to fix it")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "doctor":
+            return cmd_doctor(args)
+        from . import demo
+        return demo.main(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"hvd-lb: error: {e}", file=sys.stderr)
+        return 2

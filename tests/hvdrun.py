@@ -1,0 +1,54 @@
+"""Run a Python script under real ``horovodrun`` in a subprocess, with a timeout."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOROVODRUN = Path(sys.executable).with_name("horovodrun")
+
+
+def horovod_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.setdefault("TF_NUM_INTRAOP_THREADS", "1")
+    env.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # Open MPI refuses to run as root unless told it is fine (containers, CI).
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    return env
+
+
+def run_horovod(args, np: int = 2, controller: str = "gloo", timeout: float = 240, out_dir=None):
+    """``horovodrun -np N -H localhost:N --gloo|--mpi python ARGS``; returns CompletedProcess.
+
+    Fails the test with the captured output on a non-zero exit or a timeout.
+    """
+    if not HOROVODRUN.exists():
+        pytest.skip("horovodrun not installed in this environment (run scripts/install.sh)")
+    cmd = [str(HOROVODRUN), "-np", str(np), "-H", f"localhost:{np}", f"--{controller}"]
+    if controller == "mpi":
+        cmd += ["--mpi-args=--oversubscribe"]
+    cmd += [sys.executable, *map(str, args)]
+    try:
+        proc = subprocess.run(cmd, cwd=out_dir or ROOT, env=horovod_env(), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    if proc.returncode != 0:
+        pytest.fail(f"exit {proc.returncode}: {' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-6000:]}\n"
+                    f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_rank_json(out_dir: Path, np: int, stem: str = "rank"):
+    """Each rank writes ``{stem}{rank}.json``; return the list in rank order."""
+    return [json.loads((Path(out_dir) / f"{stem}{r}.json").read_text()) for r in range(np)]
