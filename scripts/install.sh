@@ -8,12 +8,20 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOROVOD_VERSION="${HVD_LB_HOROVOD_VERSION:-0.28.1}"
-TORCH_SPEC="${HVD_LB_TORCH_SPEC:-torch==2.13.0}"
-TF_SPEC="${HVD_LB_TF_SPEC:-tensorflow-cpu==2.21.0}"
+TORCH_VERSION=2.13.0
+TF_VERSION=2.21.0
+TORCH_SPEC="${HVD_LB_TORCH_SPEC:-torch==$TORCH_VERSION}"
+if [ "${HOROVOD_GPU_OPERATIONS:-}" = NCCL ]; then
+  # GPU image: PyPI's default Linux torch wheel is the CUDA build; TF pulls its CUDA libraries.
+  TF_SPEC="${HVD_LB_TF_SPEC:-tensorflow[and-cuda]==$TF_VERSION}"
+else
+  TF_SPEC="${HVD_LB_TF_SPEC:-tensorflow-cpu==$TF_VERSION}"
+fi
 PY_DEPS="numpy pytest pytest-timeout cffi psutil pyyaml cloudpickle packaging wheel setuptools matplotlib"
 VENV="${HVD_LB_VENV:-$ROOT/.venv}"
 CACHE="${HVD_LB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_lb}"
-APT_PACKAGES="openmpi-bin libopenmpi-dev dataset-fashion-mnist"
+APT_PACKAGES="openmpi-bin libopenmpi-dev"
+APT_DATA="dataset-fashion-mnist"  # demo data; not in every distribution (the demo says so if missing)
 
 log() { echo "[install] $*"; }
 # This machine's pip config lists local index folders that may be absent; pip
@@ -32,6 +40,11 @@ if [ -n "$missing" ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
 else
   log "Debian packages present"
+fi
+if ! dpkg-query -W -f='${Status}' $APT_DATA 2>/dev/null | grep -q "install ok installed"; then
+  log "apt-get install $APT_DATA"
+  { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT_DATA; } ||
+    log "warning: $APT_DATA not installable here; hvd-lb demo will need HVD_LB_FASHION_MNIST"
 fi
 
 # --- 2. virtual environment with the frameworks ---------------------------------

@@ -1,0 +1,117 @@
+"""Demo worker (PyTorch): runs every (optimizer, lr, seed) of the config under Horovod.
+
+Started by ``hvd-lb demo`` through horovodrun; rank 0 prints progress and
+writes the raw per-run results for the driver.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+
+def make_model(torch):
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(512, 10),
+    )
+
+
+def main(cfg_path: str) -> None:
+    import horovod.torch as hvd
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import hvd_lb.torch as lb
+    from hvd_lb import rules
+    from hvd_lb.data import load_fashion_mnist
+
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    hvd.init()
+    torch.set_num_threads(1)
+    rank, size = hvd.rank(), hvd.size()
+    x_train, y_train = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    if cfg["train_subset"]:
+        x_train, y_train = x_train[:cfg["train_subset"]], y_train[:cfg["train_subset"]]
+    x_train = torch.from_numpy(x_train).unsqueeze(1)
+    y_train = torch.from_numpy(y_train)
+    # Each rank scores its share of the test set; one all-reduce sums the counts.
+    x_test = torch.from_numpy(x_test[rank::size]).unsqueeze(1)
+    y_test = torch.from_numpy(y_test[rank::size])
+    batch, micro = cfg["batch_size"], cfg["micro_batches"]
+    local = batch // size
+    micro_size = local // micro
+    steps_per_epoch = len(x_train) // batch
+    total_steps = steps_per_epoch * cfg["epochs"]
+    results = []
+    n_runs = len(cfg["runs"])
+    for i, run in enumerate(cfg["runs"]):
+        torch.manual_seed(run["seed"])
+        model = make_model(torch)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        opt = lb.create(run["optimizer"], model, lr=run["lr"], weight_decay=cfg["weight_decay"])
+        opt = lb.DistributedOptimizer(opt, named_parameters=model.named_parameters(), micro_batches=micro)
+        # TVLARS replaces warm-up (its paper); every other rule warms up for one epoch.
+        warmup = 0 if run["optimizer"].endswith("tvlars") else min(steps_per_epoch, total_steps)
+        sched = lb.WarmupDecayLR(opt, warmup_steps=warmup, total_steps=total_steps, decay="cosine")
+        is_vr = rules.get_rule(run["optimizer"]).gsnr
+        gen = torch.Generator().manual_seed(1000 + run["seed"])
+        rec = {**run, "train_acc": [], "test_acc": [], "train_loss": [], "stable": True, "gsnr_log10": []}
+        t0 = time.time()
+        for epoch in range(cfg["epochs"]):
+            perm = torch.randperm(len(x_train), generator=gen)
+            correct = seen = 0
+            loss_sum = 0.0
+            model.train()
+            for step in range(steps_per_epoch):
+                idx = perm[step * batch + rank * local: step * batch + (rank + 1) * local]
+                for m in range(micro):
+                    j = idx[m * micro_size:(m + 1) * micro_size]
+                    out = model(x_train[j])
+                    loss = F.cross_entropy(out, y_train[j])
+                    # Divide by M: Horovod sums micro-batch gradients (backward_passes_per_step).
+                    (loss / micro).backward()
+                    loss_sum += loss.item() / micro
+                    correct += (out.argmax(1) == y_train[j]).sum().item()
+                    seen += len(j)
+                opt.step()
+                opt.zero_grad()
+                sched.step()
+                if is_vr:
+                    for d in opt.gsnr_diagnostics().values():
+                        if d["mean_gsnr"] > 0:
+                            rec["gsnr_log10"].append(math.log10(d["mean_gsnr"]))
+            stats = hvd.allreduce(torch.tensor([loss_sum / steps_per_epoch, correct, seen], dtype=torch.float64),
+                                  op=hvd.Sum, name=f"train_stats")
+            train_loss = stats[0].item() / size
+            model.eval()
+            with torch.no_grad():
+                right = sum((model(x_test[a:a + 2000]).argmax(1) == y_test[a:a + 2000]).sum().item()
+                            for a in range(0, len(x_test), 2000))
+            tot = hvd.allreduce(torch.tensor([right, len(x_test)], dtype=torch.float64), op=hvd.Sum, name="test")
+            rec["train_loss"].append(train_loss)
+            rec["train_acc"].append(stats[1].item() / stats[2].item())
+            rec["test_acc"].append(tot[0].item() / tot[1].item())
+            if rank == 0:
+                print(f"[{i + 1:3d}/{n_runs}] {run['optimizer']:<12} lr={run['lr']:<9.4g} seed={run['seed']} "
+                      f"epoch {epoch + 1}/{cfg['epochs']}  loss {train_loss:8.4f}  "
+                      f"test acc {100 * rec['test_acc'][-1]:6.2f}%", file=sys.stderr, flush=True)
+            # Diverged: loss not finite or above chance level (ln 10) after the first epoch.
+            if not math.isfinite(train_loss) or (epoch >= 1 and train_loss > math.log(10)):
+                rec["stable"] = False
+                break
+        rec["wall_time_s"] = time.time() - t0
+        results.append(rec)
+    if rank == 0:
+        with open(cfg["raw_path"], "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
