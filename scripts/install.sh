@@ -103,7 +103,7 @@ else
 fi
 
 # --- 4. hvd_lb itself, editable ---------------------------------------------------
-if ! "$PY" -c 'import hvd_lb' >/dev/null 2>&1; then
+if ! (cd / && "$PY" -c 'import hvd_lb') >/dev/null 2>&1; then
   log "pip install -e $ROOT"
   pip_q install -q --no-deps --no-build-isolation -e "$ROOT"
 fi

@@ -50,7 +50,7 @@ def build_run_command(np_: int, hosts: Optional[str], controller: Optional[str],
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
     env.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # Open MPI refuses root unless told; containers usually run as root.
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
