@@ -34,9 +34,9 @@ def add_arguments(p):
     p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
                    help=f"comma-separated names (default {DEFAULT_OPTIMIZERS}); any of: {', '.join(rules.NAMES)}")
     p.add_argument("--batch-size", type=int, default=8192, help="global batch (default 8192)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr-grid", default="0.25,0.5,1",
-                   help="multipliers of the sqrt-rule learning rate (default 0.25,0.5,1)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr-grid", default="0.5,1,2",
+                   help="multipliers of the sqrt-rule learning rate (default 0.5,1,2)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--micro-batches", type=int, default=None, help="default: 8 / workers, so that k = 8")
     p.add_argument("--seeds", type=int, default=1)
