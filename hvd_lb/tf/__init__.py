@@ -1,0 +1,18 @@
+"""TensorFlow / Keras 3 backend of hvd_lb: optimizers, schedules and Horovod glue.
+
+``horovod.tensorflow`` is imported on first distributed use, so the optimizers
+(and loading a saved model that uses ``DistributedOptimizer``) work without it.
+"""
+from .optimizers import (OPTIMIZERS, LargeBatchOptimizer, create, SGD, Momentum, Adam, LARS, LAMB,
+                         SNGM, TVLARS, VRSGD, VRMomentum, VRAdam, VRLARS, VRLAMB, VRSNGM, VRTVLARS)
+from .schedules import WarmupDecay
+from .distributed import (DistributedOptimizer, DistributedGradientTape, broadcast_variables,
+                          reduce_statistics)
+from .callbacks import (BroadcastGlobalVariablesCallback, MetricAverageCallback,
+                        LearningRateWarmupCallback)
+
+__all__ = ["OPTIMIZERS", "LargeBatchOptimizer", "create", "SGD", "Momentum", "Adam", "LARS", "LAMB",
+           "SNGM", "TVLARS", "VRSGD", "VRMomentum", "VRAdam", "VRLARS", "VRLAMB", "VRSNGM", "VRTVLARS",
+           "WarmupDecay", "DistributedOptimizer", "DistributedGradientTape", "broadcast_variables",
+           "reduce_statistics", "BroadcastGlobalVariablesCallback", "MetricAverageCallback",
+           "LearningRateWarmupCallback"]

@@ -1,0 +1,58 @@
+"""The ops namespace ``B`` that ``hvd_lb.formulas`` runs on, for TensorFlow tensors."""
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def _like(y, x):
+    # tf.cast(0.3, float64) goes through float32 and loses digits; build Python scalars directly.
+    if isinstance(y, (int, float)):
+        return tf.constant(y, x.dtype)
+    return tf.cast(y, x.dtype)
+
+
+class TFOps:
+    """Branch-free TF versions of the operations formulas.py needs (graph and XLA safe)."""
+
+    square = staticmethod(tf.square)
+    sqrt = staticmethod(tf.sqrt)
+    exp = staticmethod(tf.exp)
+    ones_like = staticmethod(tf.ones_like)
+    zeros_like = staticmethod(tf.zeros_like)
+    logical_and = staticmethod(tf.logical_and)
+
+    @staticmethod
+    def maximum(x, y):
+        x = tf.convert_to_tensor(x)
+        return tf.maximum(x, _like(y, x))
+
+    @staticmethod
+    def minimum(x, y):
+        x = tf.convert_to_tensor(x)
+        return tf.minimum(x, _like(y, x))
+
+    @staticmethod
+    def mean(x):
+        return tf.reduce_mean(x)
+
+    @staticmethod
+    def norm(x):
+        # tf.norm has a NaN gradient at 0; sqrt(sum(x²)) is what the reference computes.
+        return tf.sqrt(tf.reduce_sum(tf.square(x)))
+
+    @staticmethod
+    def where(cond, x, y):
+        x = tf.convert_to_tensor(x)
+        return tf.where(cond, x, _like(y, x))
+
+    @staticmethod
+    def clip(x, lo, hi):
+        x = tf.convert_to_tensor(x)
+        return tf.clip_by_value(x, _like(lo, x), _like(hi, x))
+
+    @staticmethod
+    def cast_like(x, like):
+        return tf.cast(x, tf.convert_to_tensor(like).dtype)
+
+
+B = TFOps

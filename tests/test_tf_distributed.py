@@ -1,0 +1,93 @@
+"""hvd_lb.tf under real ``horovodrun -np 2`` (Gloo): model.fit and custom loops vs the reference.
+
+One launch runs every case (tests/scripts/tf_dist_worker.py); each rank writes
+its results and the tests replay the same per-sample gradients through the
+float64 NumPy reference (tests/scripts/tf_common.replay).
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from hvd_lb.reference import gsnr_ratio  # noqa: E402
+from tests.hvdrun import ROOT, read_rank_json, run_horovod  # noqa: E402
+from tests.scripts.tf_common import TEST_HP, replay  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
+NP = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tf_dist")
+    run_horovod([ROOT / "tests/scripts/tf_dist_worker.py", out], np=NP, controller="gloo", timeout=300)
+    return read_rank_json(out, NP)
+
+
+def check_case(ranks, key, name, M, lr_fn=None):
+    ref, last = replay(name, TEST_HP[name], NP, M, lr_fn)
+    for r, res in enumerate(ranks):
+        got = res[key]["weights"]
+        for w, p in zip(got, ref.params):
+            np.testing.assert_allclose(w, p, rtol=1e-10, atol=1e-10 * np.abs(p).max(),
+                                       err_msg=f"{key} rank {r}")
+        # Every rank takes the same step from the same all-reduced statistics: bit-identical.
+        assert got == ranks[0][key]["weights"], f"{key}: rank {r} differs from rank 0"
+    return ref, last
+
+
+@pytest.mark.parametrize("name, M", [("vr-lamb", 1), ("vr-lamb", 2), ("vr-sgd", 1)])
+def test_model_fit_equals_reference(ranks, name, M):
+    check_case(ranks, f"fit/{name}/{M}", name, M)
+    assert ranks[0][f"fit/{name}/{M}"]["iterations"] == 12 // M  # real steps, not micro-batches
+
+
+def test_model_fit_with_lr_warmup_callback(ranks):
+    """LARS, 2 micro-batches, LearningRateWarmupCallback from lr/size to lr over 2 steps."""
+    target = TEST_HP["lars"]["learning_rate"]
+    start = target / NP
+    check_case(ranks, "fit/lars/2", "lars", 2, lr_fn=lambda t: start + (target - start) * min(t / 2, 1.0))
+
+
+@pytest.mark.parametrize("key, name, M", [("fit-lso/vr-lamb/1", "vr-lamb", 1),
+                                          ("tape/vr-momentum/1", "vr-momentum", 1),
+                                          ("tape/vr-adam/2", "vr-adam", 2),
+                                          ("tape/sngm/1", "sngm", 1),
+                                          ("apply/vr-tvlars/2", "vr-tvlars", 2)])
+def test_custom_loop_and_loss_scaling_equal_reference(ranks, key, name, M):
+    check_case(ranks, key, name, M)
+
+
+def test_metrics_are_averaged_across_ranks(ranks):
+    losses = [res["fit/vr-lamb/1"]["loss"] for res in ranks]
+    assert losses[0] == losses[1]
+
+
+def test_gsnr_diagnostics_match_reference(ranks):
+    _, (mean, sq) = replay("vr-lamb", TEST_HP["vr-lamb"], NP, 1)
+    diag = ranks[0]["fit/vr-lamb/1"]["diag"]
+    assert set(diag) == {"net/dense/kernel", "net/dense/bias"}
+    for path, g, s in zip(("net/dense/kernel", "net/dense/bias"), mean, sq):
+        _, mu, clipped = gsnr_ratio(g, s, TEST_HP["vr-lamb"]["gamma"])
+        assert diag[path]["mean_gsnr"] == pytest.approx(mu, rel=1e-5)
+        assert diag[path]["clipped_fraction"] == pytest.approx(clipped, abs=1e-6)
+    assert ranks[0]["fit/lars/2"]["diag"] == {}
+
+
+def test_one_allreduce_per_gradient(ranks):
+    """Non-VR: one grouped call with each gradient once; VR: the same call also carries s."""
+    for res in ranks:
+        assert res["calls/momentum"] == [2]
+        assert res["calls/vr-momentum"] == [4]
+
+
+def test_fp16_compression_keeps_squares_float32(ranks):
+    g = np.array([[1.0 + r, -0.5, 0.25 * (r + 1)] for r in range(NP)])
+    for res in ranks:
+        c = res["compressed"]
+        assert c["mean_dtype"] == "float32" and c["sq_dtype"] == "float32"
+        np.testing.assert_allclose(c["mean"], g.mean(0), rtol=1e-3)
+        np.testing.assert_allclose(c["sq"], (g * g).mean(0), rtol=1e-6)
+        assert res["compressed_calls"] == [1, 1]  # one group per dtype, one graph
