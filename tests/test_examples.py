@@ -52,3 +52,22 @@ def test_demo_small_run_writes_table_json_and_png(tmp_path):
     assert [r["optimizer"] for r in res["summary"]] == ["momentum", "vr-momentum"]
     assert len(res["runs"]) == 4 and all(r["test_acc"] for r in res["runs"])
     assert (tmp_path / "results.png").stat().st_size > 10000
+
+
+@pytest.mark.multiprocess
+def test_demo_tf_small_run_writes_table_json_and_png(tmp_path):
+    pytest.importorskip("tensorflow")
+    cmd = [sys.executable, "-m", "hvd_lb.launch", "demo", "--framework", "tf",
+           "--optimizers", "momentum,vr-momentum", "--epochs", "2", "--batch-size", "2048",
+           "--train-subset", "4096", "--lr-grid", "1", "--out-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=horovod_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "vr-momentum" in proc.stdout and "stable lr range" in proc.stdout and ", tf" in proc.stdout
+    assert "epoch 2/2" in proc.stderr
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["config"]["framework"] == "tf"
+    assert [r["optimizer"] for r in res["summary"]] == ["momentum", "vr-momentum"]
+    assert len(res["runs"]) == 2 and all(len(r["test_acc"]) == 2 for r in res["runs"])
+    assert all(0.0 <= a <= 1.0 for r in res["runs"] for a in r["test_acc"] + r["train_acc"])
+    assert res["runs"][1]["gsnr_log10"] and not res["runs"][0]["gsnr_log10"]
+    assert (tmp_path / "results.png").stat().st_size > 10000

@@ -6,9 +6,9 @@ writes the raw per-run results for the driver.
 from __future__ import annotations
 
 import json
-import math
 import sys
-import time
+
+from . import demo_common as common
 
 
 def make_model(torch):
@@ -26,7 +26,6 @@ def count_correct(model, x, y, chunk=2500) -> int:
 
 def main(cfg_path: str) -> None:
     import horovod.torch as hvd
-    import numpy as np
     import torch
     import torch.nn.functional as F
 
@@ -56,7 +55,6 @@ def main(cfg_path: str) -> None:
     steps_per_epoch = len(x_train) // batch
     total_steps = steps_per_epoch * cfg["epochs"]
     results = []
-    n_runs = len(cfg["runs"])
     for i, run in enumerate(cfg["runs"]):
         torch.manual_seed(run["seed"])
         model = make_model(torch)
@@ -68,8 +66,7 @@ def main(cfg_path: str) -> None:
         sched = lb.WarmupDecayLR(opt, warmup_steps=warmup, total_steps=total_steps, decay="cosine")
         is_vr = rules.get_rule(run["optimizer"]).gsnr
         gen = torch.Generator().manual_seed(1000 + run["seed"])
-        rec = {**run, "train_acc": [], "test_acc": [], "train_loss": [], "stable": True, "gsnr_log10": []}
-        t0 = time.time()
+        rec = common.new_record(run)
         for epoch in range(cfg["epochs"]):
             perm = torch.randperm(len(x_train), generator=gen)
             loss_sum = 0.0
@@ -87,9 +84,7 @@ def main(cfg_path: str) -> None:
                 opt.zero_grad()
                 sched.step()
                 if is_vr:
-                    for d in opt.gsnr_diagnostics().values():
-                        if d["mean_gsnr"] > 0:
-                            rec["gsnr_log10"].append(math.log10(d["mean_gsnr"]))
+                    common.add_gsnr(rec, opt.gsnr_diagnostics())
             train_loss = hvd.allreduce(torch.tensor(loss_sum / steps_per_epoch, dtype=torch.float64),
                                        op=hvd.Average, name="train_loss").item()
             model.eval()
@@ -97,24 +92,10 @@ def main(cfg_path: str) -> None:
                 counts = [count_correct(model, x_test, y_test), len(x_test),
                           count_correct(model, x_eval, y_eval), len(x_eval)]
             tot = hvd.allreduce(torch.tensor(counts, dtype=torch.float64), op=hvd.Sum, name="eval")
-            rec["train_loss"].append(train_loss)
-            rec["train_acc"].append(tot[2].item() / tot[3].item())
-            rec["test_acc"].append(tot[0].item() / tot[1].item())
-            if rank == 0:
-                print(f"[{i + 1:3d}/{n_runs}] {run['optimizer']:<12} lr={run['lr']:<9.4g} seed={run['seed']} "
-                      f"epoch {epoch + 1}/{cfg['epochs']}  loss {train_loss:8.4f}  "
-                      f"test acc {100 * rec['test_acc'][-1]:6.2f}%", file=sys.stderr, flush=True)
-            # Unstable: the loss is not finite, or rose by half over the first epoch's.
-            if not math.isfinite(train_loss) or train_loss > 1.5 * rec["train_loss"][0]:
-                rec["stable"] = False
+            if not common.end_epoch(rec, cfg, i, epoch, train_loss, tot.tolist(), rank):
                 break
-        # A run that never got below chance level (ln 10) did not train either.
-        rec["stable"] = rec["stable"] and rec["train_loss"][-1] < math.log(10)
-        rec["wall_time_s"] = time.time() - t0
-        results.append(rec)
-    if rank == 0:
-        with open(cfg["raw_path"], "w") as f:
-            json.dump(results, f)
+        results.append(common.end_run(rec))
+    common.write_results(cfg, results, rank)
 
 
 if __name__ == "__main__":
