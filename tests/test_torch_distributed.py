@@ -1,6 +1,5 @@
 """hvd_lb.torch.DistributedOptimizer under real horovodrun (SPEC §1, §6) and Horovod compatibility."""
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest

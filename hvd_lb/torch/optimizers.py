@@ -18,7 +18,6 @@ without a dummy step; TVLARS sets m_1 = w_1 at t = 1, whatever the buffer held.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
