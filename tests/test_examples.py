@@ -47,7 +47,7 @@ def test_demo_small_run_writes_table_json_and_png(tmp_path):
            "--out-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=horovod_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "vr-momentum" in proc.stdout and "stable lr range" in proc.stdout
+    assert "vr-momentum" in proc.stdout and "stable grid rates" in proc.stdout
     res = json.loads((tmp_path / "results.json").read_text())
     assert [r["optimizer"] for r in res["summary"]] == ["momentum", "vr-momentum"]
     assert len(res["runs"]) == 4 and all(r["test_acc"] for r in res["runs"])
@@ -62,7 +62,7 @@ def test_demo_tf_small_run_writes_table_json_and_png(tmp_path):
            "--train-subset", "4096", "--lr-grid", "1", "--out-dir", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=horovod_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "vr-momentum" in proc.stdout and "stable lr range" in proc.stdout and ", tf" in proc.stdout
+    assert "vr-momentum" in proc.stdout and "stable grid rates" in proc.stdout and ", tf" in proc.stdout
     assert "epoch 2/2" in proc.stderr
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["config"]["framework"] == "tf"

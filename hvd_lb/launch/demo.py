@@ -108,7 +108,9 @@ def summarize(config: Dict, raw: List[Dict]) -> List[Dict]:
         for lr, rs in by_lr.items():
             accs = [max(x["test_acc"]) if x["test_acc"] else 0.0 for x in rs]
             scored.append((sum(accs) / len(accs), lr, rs, accs))
-        mean_acc, best_lr, best_runs, accs = max(scored, key=lambda s: (s[0], -s[1]))
+        # The best rate is chosen among the stable ones (all rates when none is stable).
+        candidates = [sc for sc in scored if sc[1] in stable] or scored
+        mean_acc, best_lr, best_runs, accs = max(candidates, key=lambda sc: (sc[0], -sc[1]))
         std = (sum((a - mean_acc) ** 2 for a in accs) / len(accs)) ** 0.5
         gaps = []
         for x in best_runs:
@@ -118,7 +120,7 @@ def summarize(config: Dict, raw: List[Dict]) -> List[Dict]:
         rows.append({
             "optimizer": name, "best_lr": best_lr, "best_test_acc": mean_acc, "best_test_acc_std": std,
             "train_test_gap": sum(gaps) / len(gaps) if gaps else float("nan"),
-            "stable_lr_min": stable[0] if stable else None, "stable_lr_max": stable[-1] if stable else None,
+            "best_lr_stable": best_lr in stable, "stable_lrs": stable,
             "largest_stable_lr": stable[-1] if stable else None,
             "wall_time_s": sum(x["wall_time_s"] for x in runs), "runs": len(runs),
         })
@@ -132,15 +134,14 @@ def format_table(config: Dict, rows: List[Dict]) -> str:
             f"{seeds} seed(s), {config['framework']}")
     lines = [head, "",
              f"{'optimizer':<13} {'best lr':>9} {'best test acc':>17} {'train-test gap':>15} "
-             f"{'stable lr range':>21} {'wall s':>8}"]
+             f"{'stable grid rates':>26} {'wall s':>8}"]
     for r in rows:
         acc = f"{100 * r['best_test_acc']:.2f}%"
         if seeds > 1:
             acc += f" ± {100 * r['best_test_acc_std']:.2f}"
-        rng = ("none" if r["stable_lr_min"] is None
-               else f"{r['stable_lr_min']:.3g} .. {r['stable_lr_max']:.3g}")
+        rng = ", ".join(f"{lr:.3g}" for lr in r["stable_lrs"]) or "none"
         gap = "n/a" if r["train_test_gap"] != r["train_test_gap"] else f"{100 * r['train_test_gap']:+.2f} pp"
-        lines.append(f"{r['optimizer']:<13} {r['best_lr']:>9.3g} {acc:>17} {gap:>15} {rng:>21} "
+        lines.append(f"{r['optimizer']:<13} {r['best_lr']:>9.3g} {acc:>17} {gap:>15} {rng:>26} "
                      f"{r['wall_time_s']:>8.1f}")
     return "\n".join(lines)
 
