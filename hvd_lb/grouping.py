@@ -12,24 +12,27 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Sequence
 
 
-def _patterns(arg_name: str, patterns) -> tuple:
-    if patterns is None:
+def patterns(arg_name: str, value) -> tuple:
+    """Validate ``exclude``/``include``: None, one glob, or an iterable of globs → tuple."""
+    if value is None:
         return ()
-    if isinstance(patterns, str):
-        patterns = (patterns,)
-    patterns = tuple(patterns)
-    for p in patterns:
-        if not isinstance(p, str):
-            raise ValueError(f"invalid {arg_name}={patterns!r}: must be name patterns (strings)")
-    return patterns
+    if isinstance(value, str):
+        return (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        out = None
+    if out is None or not all(isinstance(p, str) for p in out):
+        raise ValueError(f"invalid {arg_name}={value!r}: must be a list of fnmatch name patterns (strings)")
+    return out
 
 
 def is_excluded(name: str, ndim: int, exclude: Sequence[str] = (), include: Sequence[str] = ()) -> bool:
     """True when tensor ``name`` of rank ``ndim`` gets neither weight decay nor adaptation."""
     name = name or ""
-    if any(fnmatchcase(name, p) for p in _patterns("include", include)):
+    if any(fnmatchcase(name, p) for p in patterns("include", include)):
         return False
-    if any(fnmatchcase(name, p) for p in _patterns("exclude", exclude)):
+    if any(fnmatchcase(name, p) for p in patterns("exclude", exclude)):
         return True
     return ndim <= 1
 

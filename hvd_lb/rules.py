@@ -285,11 +285,18 @@ def from_keras(hparams: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def check_micro_batches(micro_batches) -> int:
+    """``micro_batches`` (backward passes per step) must be an integer ≥ 1."""
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"invalid micro_batches={micro_batches!r}: must be an integer in [1, inf)")
+    return micro_batches
+
+
 def check_samples(workers: int, micro_batches: int) -> int:
     """k = workers × micro_batches for a VR rule; raise if there is no variance (k < 2)."""
-    for arg, v in (("workers", workers), ("micro_batches", micro_batches)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"invalid {arg}={v!r}: must be an integer in [1, inf)")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"invalid workers={workers!r}: must be an integer in [1, inf)")
+    check_micro_batches(micro_batches)
     k = workers * micro_batches
     if k < 2:
         raise ValueError(
@@ -302,5 +309,5 @@ def check_samples(workers: int, micro_batches: int) -> int:
 
 __all__ = [
     "Hyper", "Rule", "RULES", "NAMES", "BASE_NAMES", "get_rule", "validate",
-    "to_keras", "from_keras", "check_samples", "KERAS_NAMES",
+    "to_keras", "from_keras", "check_samples", "check_micro_batches", "KERAS_NAMES",
 ]

@@ -11,6 +11,11 @@ def _like(y, x):
     return tf.cast(y, x.dtype)
 
 
+def stat_dtype(dtype):
+    """GSNR statistics (s, r) in float32 or wider (SPEC §1–2): float64 for float64 tensors."""
+    return tf.float64 if dtype == tf.float64 else tf.float32
+
+
 class TFOps:
     """Branch-free TF versions of the operations formulas.py needs (graph and XLA safe)."""
 

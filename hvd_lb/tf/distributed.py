@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from .. import rules
+from ._ops import stat_dtype
 from .optimizers import LargeBatchOptimizer
 
 _COMPRESSIONS = ("none", "fp16")
@@ -54,17 +55,6 @@ def _check_square_dtype(square_dtype):
         raise ValueError(f"invalid square_dtype={square_dtype!r}: must be None (float32, or float64 "
                          "for float64 gradients) or 'float32'")
     return square_dtype
-
-
-def _check_micro_batches(micro_batches):
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(f"invalid micro_batches={micro_batches!r}: must be an integer in [1, inf)")
-    return micro_batches
-
-
-def stat_dtype(dtype):
-    """s is kept in float32 or wider (SPEC §1): float64 for float64 gradients."""
-    return tf.float64 if dtype == tf.float64 else tf.float32
 
 
 def _dense(g):
@@ -166,7 +156,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(optimizer, DistributedOptimizer):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer "
                              "(not already a DistributedOptimizer)")
-        micro_batches = _check_micro_batches(micro_batches)
+        micro_batches = rules.check_micro_batches(micro_batches)
         compression, _ = _compressor(compression)
         square_dtype = _check_square_dtype(square_dtype)
         if kwargs:
@@ -315,7 +305,7 @@ class DistributedGradientTape:
                              "plain optimizer to DistributedGradientTape")
         self._tape = tape
         self._optimizer = optimizer
-        self.micro_batches = _check_micro_batches(micro_batches)
+        self.micro_batches = rules.check_micro_batches(micro_batches)
         self.compression, _ = _compressor(compression)
         self.square_dtype = _check_square_dtype(square_dtype)
         self.grad_sq = None

@@ -19,30 +19,11 @@ from keras.src.utils import tracking
 
 from .. import formulas as F
 from .. import grouping, rules
-from ._ops import B, _like
+from ._ops import B, _like, stat_dtype
 
 # Keras base-optimizer arguments passed through untouched.
 _KERAS_ARGS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
                "ema_overwrite_frequency", "loss_scale_factor", "gradient_accumulation_steps")
-
-
-def _patterns(arg: str, value) -> tuple:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = (value,)
-    try:
-        value = tuple(value)
-    except TypeError:
-        value = None
-    if value is None or not all(isinstance(p, str) for p in value):
-        raise ValueError(f"invalid {arg}={value!r}: must be a list of fnmatch name patterns (strings)")
-    return value
-
-
-def _stat_dtype(dtype):
-    """GSNR statistics in float32 or wider (SPEC §2)."""
-    return tf.float64 if dtype == tf.float64 else tf.float32
 
 
 class _Scratch:
@@ -104,8 +85,8 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
                                         trainable=False, aggregation="only_first_replica")
             self._track_variable(lr_var)
             self._learning_rate = lr_var
-        self._exclude = _patterns("exclude", exclude)
-        self._include = _patterns("include", include)
+        self._exclude = grouping.patterns("exclude", exclude)
+        self._include = grouping.patterns("include", include)
         # Per-call tensors live outside Keras/TF attribute tracking.
         self._io = _Scratch()
 
@@ -204,7 +185,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         out, diag = [], []
         for g, v, w, i in zip(grads, variables, weights, idx):
             mean, sq = self._io.stats[self._var_key(v)]
-            sd = _stat_dtype(w.dtype)
+            sd = stat_dtype(w.dtype)
             mean, sq = tf.cast(mean, sd), tf.cast(sq, sd)
             if scale is not None:
                 mean, sq = mean / scale, sq / (scale * scale)

@@ -255,8 +255,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, micro_batches: int = 
         raise ValueError(f"invalid optimizer={type(optimizer).__name__}: must be an hvd_lb.torch "
                          "optimizer (hvd_lb.torch.create(...)); wrap torch optimizers with "
                          "hvd.DistributedOptimizer")
-    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
-        raise ValueError(f"invalid micro_batches={micro_batches!r}: must be an integer in [1, inf)")
+    rules.check_micro_batches(micro_batches)
     names = None
     if named_parameters is not None:
         named_parameters = list(named_parameters)

@@ -495,7 +495,7 @@ def create(name: str, model_or_params, lr: Optional[float] = None, exclude=(), i
     """
     rule = rules.get_rule(name)
     cls = OPTIMIZERS[rule.name]
-    grouping.is_excluded("", 2, exclude, include)  # validates the patterns
+    exclude, include = grouping.patterns("exclude", exclude), grouping.patterns("include", include)
     _check_bool("foreach", foreach, allow_none=True)
     names: Dict[torch.Tensor, str] = {}
     if isinstance(model_or_params, torch.nn.Module):
@@ -529,8 +529,9 @@ def _split(group: Dict[str, Any], names, exclude, include) -> List[Dict[str, Any
     params = group["params"]
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     rest = {k: v for k, v in group.items() if k != "params"}
-    inc = [p for p in params if not grouping.is_excluded(names.get(p, ""), p.ndim, exclude, include)]
-    exc = [p for p in params if grouping.is_excluded(names.get(p, ""), p.ndim, exclude, include)]
+    inc, exc = [], []
+    for p in params:
+        (exc if grouping.is_excluded(names.get(p, ""), p.ndim, exclude, include) else inc).append(p)
     out = []
     if inc:
         out.append({**rest, "params": inc, "adapt": True, "decay": True})
