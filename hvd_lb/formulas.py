@@ -1,4 +1,4 @@
-"""Per-tensor update formulas of SPEC §2–3, written once for every backend.
+"""Per-tensor update formulas of docs/SPEC.md §2–3, written once for every backend.
 
 Each function takes ``B``, a small namespace of array operations (see
 ``NumpyOps``; the torch and TF backends provide their own), and uses only
@@ -24,13 +24,19 @@ DELTA_REL = 1e-12
 DELTA_ABS = 1e-30
 
 
-def gsnr_ratio(B, mean, sq, gamma):
-    """r = clip(r_raw/mean(r_raw), γ, 1), r_raw = ḡ²/(max(s − ḡ², 0) + δ)  (VRGD §4).
+def variance_floor(is_float64: bool) -> float:
+    """ε_w of SPEC §2: s − ḡ² below ε_w·s is rounding noise (8 units of rounding of s)."""
+    return 2.0 ** -50 if is_float64 else 2.0 ** -21
 
-    Returns ``(r, mean_gsnr, clipped_fraction)``; r = 1 for an all-zero gradient.
+
+def gsnr_ratio(B, mean, sq, gamma, eps_w):
+    """r = clip(r_raw/mean(r_raw), γ, 1), r_raw = ḡ²/(max(s − ḡ², ε_w·s) + δ)  (VRGD §4).
+
+    ``eps_w`` = ``variance_floor(...)`` of the working dtype. Returns
+    ``(r, mean_gsnr, clipped_fraction)``; r = 1 for an all-zero gradient.
     """
     g2 = B.square(mean)
-    var = B.maximum(sq - g2, 0.0)
+    var = B.maximum(sq - g2, eps_w * sq)
     delta = DELTA_REL * B.mean(var) + DELTA_ABS
     r_raw = g2 / (var + delta)
     mu = B.mean(r_raw)

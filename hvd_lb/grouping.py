@@ -9,7 +9,7 @@ or variable path (Keras).
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Iterable, Sequence
+from typing import Sequence
 
 
 def patterns(arg_name: str, value) -> tuple:
@@ -35,11 +35,3 @@ def is_excluded(name: str, ndim: int, exclude: Sequence[str] = (), include: Sequ
     if any(fnmatchcase(name, p) for p in patterns("exclude", exclude)):
         return True
     return ndim <= 1
-
-
-def split(named_shapes: Iterable, exclude=(), include=()):
-    """(name, ndim) pairs → (list of included names, list of excluded names)."""
-    inc, exc = [], []
-    for name, ndim in named_shapes:
-        (exc if is_excluded(name, ndim, exclude, include) else inc).append(name)
-    return inc, exc

@@ -95,15 +95,19 @@ def micro_batch_samples(worker_micro_grads: Sequence[Sequence[Arrays]]) -> List[
 
 # --- SPEC §2: GSNR scaling ----------------------------------------------------------
 
+# ε_w of SPEC §2 in float64: variances below 2⁻⁵⁰·s are rounding noise.
+VARIANCE_FLOOR = 2.0 ** -50
+
+
 def gsnr_ratio(mean: np.ndarray, sq: np.ndarray, gamma: float) -> Tuple[np.ndarray, float, float]:
     """Clipped normalised GSNR r for one tensor (VRGD §4), with diagnostics.
 
-    var = max(s − ḡ², 0), δ = 1e-12·mean(var) + 1e-30, r_raw = ḡ²/(var + δ),
+    var = max(s − ḡ², ε_w·s), δ = 1e-12·mean(var) + 1e-30, r_raw = ḡ²/(var + δ),
     r = clip(r_raw / mean(r_raw), γ, 1)  (r = 1 when mean(r_raw) = 0).
     Returns (r, mean(r_raw), fraction of elements clipped up to γ).
     """
     g2 = np.square(mean)
-    var = np.maximum(sq - g2, 0.0)
+    var = np.maximum(sq - g2, VARIANCE_FLOOR * sq)
     delta = 1e-12 * np.mean(var) + 1e-30
     r_raw = g2 / (var + delta)
     mu = float(np.mean(r_raw))
@@ -113,8 +117,12 @@ def gsnr_ratio(mean: np.ndarray, sq: np.ndarray, gamma: float) -> Tuple[np.ndarr
     return np.clip(r_tilde, gamma, 1.0), mu, float(np.mean(r_tilde < gamma))
 
 
-def scale_by_gsnr(gamma: float, gsnr_momentum: float) -> Transform:
-    """ĝ = p̂ ⊙ ḡ with p_t = β₃p + (1−β₃)r, p̂ = p/(1−β₃^t); β₃ = 0 gives ĝ = r ⊙ ḡ."""
+def scale_by_gsnr(gamma: float, gsnr_momentum: float, apply: Optional[Sequence[bool]] = None) -> Transform:
+    """ĝ = p̂ ⊙ ḡ with p_t = β₃p + (1−β₃)r, p̂ = p/(1−β₃^t); β₃ = 0 gives ĝ = r ⊙ ḡ.
+
+    ``apply``: per-tensor flags (default all); a tensor with False passes ḡ through
+    and keeps p_t = 0 (the transform's ``exclude``).
+    """
 
     def init(params):
         return {"gsnr_avg": _zeros_like(params)}
@@ -127,7 +135,12 @@ def scale_by_gsnr(gamma: float, gsnr_momentum: float) -> Transform:
             )
         b3 = gsnr_momentum
         out, p_new = [], []
-        for g, s, p in zip(updates, ctx.sq, state["gsnr_avg"]):
+        flags = [True] * len(updates) if apply is None else apply
+        for g, s, p, on in zip(updates, ctx.sq, state["gsnr_avg"], flags):
+            if not on:
+                p_new.append(p)
+                out.append(g)
+                continue
             r, _, _ = gsnr_ratio(g, s, gamma)
             p = b3 * p + (1.0 - b3) * r
             p_new.append(p)
@@ -294,32 +307,44 @@ def tvlars_momentum(momentum: float) -> Transform:
 
 # --- SPEC §3–4: named optimizers ----------------------------------------------------
 
+# Base rule name → builder(hp) of its chain (hyperparameters already validated).
+BASE_TRANSFORMS: Dict[str, Callable[[Dict[str, Any]], Transform]] = {}
+
+
+def register(name: str):
+    """Decorator: the reference chain of base rule ``name`` (see docs/CONTRIBUTING.md)."""
+
+    def deco(builder):
+        BASE_TRANSFORMS[name] = builder
+        return builder
+
+    return deco
+
+
+register("sgd")(lambda hp: chain(add_decayed_weights(hp["weight_decay"]), scale_by_learning_rate()))
+register("momentum")(lambda hp: chain(add_decayed_weights(hp["weight_decay"]),
+                                      trace(hp["momentum"], hp["nesterov"]), scale_by_learning_rate()))
+register("adam")(lambda hp: chain(scale_by_adam(hp["betas"], hp["eps"]),
+                                  add_decayed_weights(hp["weight_decay"]), scale_by_learning_rate()))
+register("lamb")(lambda hp: chain(scale_by_adam(hp["betas"], hp["eps"]),
+                                  add_decayed_weights(hp["weight_decay"]),
+                                  scale_by_lamb_trust(hp["max_trust"]), scale_by_learning_rate()))
+register("lars")(lambda hp: chain(scale_by_lars_trust(hp["trust_coefficient"], hp["eps"],
+                                                      hp["weight_decay"], hp["trust_clip"]),
+                                  trace(hp["momentum"], hp["nesterov"])))
+register("sngm")(lambda hp: chain(add_decayed_weights(hp["weight_decay"]), normalize_by_global_norm(),
+                                  trace(hp["momentum"]), scale_by_learning_rate()))
+register("tvlars")(lambda hp: chain(
+    scale_by_tvlars_trust(hp["trust_coefficient"], hp["eps"], hp["weight_decay"], hp["alpha"],
+                          hp["decay_coefficient"], hp["delay_steps"], hp["min_ratio"]),
+    tvlars_momentum(hp["momentum"])))
+
+
 def base_transform(base: str, hp: Dict[str, Any]) -> Transform:
     """The chain for one base rule of SPEC §3 (hyperparameters already validated)."""
-    if base == "sgd":
-        return chain(add_decayed_weights(hp["weight_decay"]), scale_by_learning_rate())
-    if base == "momentum":
-        return chain(add_decayed_weights(hp["weight_decay"]),
-                     trace(hp["momentum"], hp["nesterov"]), scale_by_learning_rate())
-    if base == "adam":
-        return chain(scale_by_adam(hp["betas"], hp["eps"]),
-                     add_decayed_weights(hp["weight_decay"]), scale_by_learning_rate())
-    if base == "lamb":
-        return chain(scale_by_adam(hp["betas"], hp["eps"]), add_decayed_weights(hp["weight_decay"]),
-                     scale_by_lamb_trust(hp["max_trust"]), scale_by_learning_rate())
-    if base == "lars":
-        return chain(scale_by_lars_trust(hp["trust_coefficient"], hp["eps"], hp["weight_decay"],
-                                         hp["trust_clip"]),
-                     trace(hp["momentum"], hp["nesterov"]))
-    if base == "sngm":
-        return chain(add_decayed_weights(hp["weight_decay"]), normalize_by_global_norm(),
-                     trace(hp["momentum"]), scale_by_learning_rate())
-    if base == "tvlars":
-        return chain(scale_by_tvlars_trust(hp["trust_coefficient"], hp["eps"], hp["weight_decay"],
-                                           hp["alpha"], hp["decay_coefficient"], hp["delay_steps"],
-                                           hp["min_ratio"]),
-                     tvlars_momentum(hp["momentum"]))
-    raise ValueError(f"unknown base rule {base!r}")
+    if base not in BASE_TRANSFORMS:
+        raise ValueError(f"unknown base rule {base!r}")
+    return BASE_TRANSFORMS[base](hp)
 
 
 def make(name: str, **hparams) -> Tuple[rules.Rule, Dict[str, Any], Transform]:
@@ -372,5 +397,6 @@ __all__ = [
     "StepContext", "Transform", "chain", "gradient_stats", "micro_batch_samples", "gsnr_ratio",
     "scale_by_gsnr", "add_decayed_weights", "trace", "scale_by_learning_rate", "scale_by_adam",
     "scale_by_lamb_trust", "scale_by_lars_trust", "normalize_by_global_norm", "tvlars_phi",
-    "scale_by_tvlars_trust", "tvlars_momentum", "base_transform", "make", "ReferenceOptimizer",
+    "scale_by_tvlars_trust", "tvlars_momentum", "BASE_TRANSFORMS", "register", "base_transform", "make",
+    "ReferenceOptimizer",
 ]

@@ -1,13 +1,19 @@
-"""The rule table: every optimizer name of SPEC §4 as data.
+"""The rule table: every optimizer name of docs/SPEC.md §4 as data.
 
 One table drives the NumPy reference, both backends and the tests: names,
 hyperparameters with defaults and valid ranges, which rules need GSNR
 statistics, and which state slots each rule keeps. Nothing else repeats it.
+
+A base rule is registered once (``register``); its ``vr-`` twin is derived:
+the same rule behind the GSNR transform (SPEC §2), with the transform's two
+hyperparameters (``GSNR_HYPERS``) and its state slot ``gsnr_avg`` added.
+docs/CONTRIBUTING.md lists the edits that add a rule.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 INF = math.inf
@@ -45,11 +51,12 @@ class Hyper:
         return text
 
     def _in_range(self, x: float) -> bool:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(x):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
             return False
         if x < self.low or (self.low_open and x == self.low):
             return False
-        if x > self.high or (self.high_open and x == self.high):
+        # inf is never a valid value, also where the range is written "[0, inf)".
+        if x > self.high or ((self.high_open or self.high == INF) and x == self.high):
             return False
         return True
 
@@ -120,7 +127,8 @@ def GSNR_MOMENTUM(default):
     return _h("gsnr_momentum", default, 0.0, 1.0, high_open=True, doc="β₃")
 
 
-ALPHA = _h("alpha", 1.0, 0.0, INF, doc="TVLARS scaling factor α")
+# α = 0 makes φ_t = exp(−ψ) unbounded early and 1/0 once exp(ψ) underflows.
+ALPHA = _h("alpha", 1.0, 0.0, INF, low_open=True, doc="TVLARS scaling factor α")
 DECAY_COEFFICIENT = _h("decay_coefficient", 1e-4, 0.0, INF, doc="TVLARS λ_d (per step)")
 # The TVLARS paper delays 10 epochs; SPEC gives d_e in steps without a default.
 # 1000 steps is our choice; hvd_lb.schedules.tvlars_delay_steps converts epochs.
@@ -130,7 +138,10 @@ MIN_RATIO = _h("min_ratio", 0.0, 0.0, INF, doc="TVLARS γ_min")
 
 @dataclass(frozen=True)
 class Rule:
-    """A named optimizer: its base rule (SPEC §3), GSNR need, hypers and state slots."""
+    """A named optimizer: its base rule (SPEC §3), GSNR need, hypers and state slots.
+
+    ``class_name`` is the backends' class name (``VR`` prefixed for GSNR rules).
+    """
 
     name: str
     base: str
@@ -138,83 +149,62 @@ class Rule:
     hypers: Tuple[Hyper, ...]
     slots: Tuple[str, ...]
     doc: str = ""
-    has_momentum: bool = field(init=False)
-    has_betas: bool = field(init=False)
-    has_eps: bool = field(init=False)
-
-    def __post_init__(self):
-        names = {h.name for h in self.hypers}
-        object.__setattr__(self, "has_momentum", "momentum" in names)
-        object.__setattr__(self, "has_betas", "betas" in names)
-        object.__setattr__(self, "has_eps", "eps" in names)
+    class_name: str = ""
 
     @property
     def defaults(self) -> Dict[str, Any]:
         return {h.name: h.default for h in self.hypers}
 
-    def hyper(self, name: str) -> Hyper:
-        for h in self.hypers:
-            if h.name == name:
-                return h
-        raise KeyError(name)
+
+RULES: Dict[str, Rule] = {}
+NAMES: Tuple[str, ...] = ()
+BASE_NAMES: Tuple[str, ...] = ()
+# The GSNR transform's own hyperparameters and state (SPEC §2).
+GSNR_SLOT = "gsnr_avg"
 
 
-# Base rules: hyperparameters and the per-tensor state they keep.
-_BASE: Dict[str, Tuple[Tuple[Hyper, ...], Tuple[str, ...], str]] = {
-    "sgd": ((LR(0.01), WEIGHT_DECAY), (), "w ← w − lr·(g + λw)"),
-    "momentum": (
-        (LR(0.01), MOMENTUM, NESTEROV, WEIGHT_DECAY),
-        ("momentum_buffer",),
-        "b ← μb + (g + λw), w ← w − lr·b (PyTorch convention)",
-    ),
-    "adam": (
-        (LR(1e-3), BETAS, EPS(1e-8), WEIGHT_DECAY),
-        ("exp_avg", "exp_avg_sq"),
-        "Adam with decoupled weight decay (Kingma & Ba 2015; Loshchilov & Hutter 2019)",
-    ),
-    "lars": (
-        (LR(1.0), MOMENTUM, NESTEROV, TRUST_COEFFICIENT, EPS(1e-9), WEIGHT_DECAY, TRUST_CLIP),
-        ("momentum_buffer",),
-        "LARS (You et al. 2017): b ← μb + lr·trust·(g + λw), w ← w − b",
-    ),
-    "lamb": (
-        (LR(1e-3), BETAS, EPS(1e-6), WEIGHT_DECAY, MAX_TRUST),
-        ("exp_avg", "exp_avg_sq"),
-        "LAMB (You et al. 2020): w ← w − lr·(‖w‖/‖u‖)·u, u = m̂/(√v̂+ε) + λw",
-    ),
-    "sngm": (
-        (LR(0.1), MOMENTUM, WEIGHT_DECAY),
-        ("momentum_buffer",),
-        "SNGM (Zhao et al. 2020): u ← βu + d/‖d‖_global, w ← w − lr·u",
-    ),
-    "tvlars": (
-        (LR(1.0), MOMENTUM, TRUST_COEFFICIENT, EPS(1e-9), WEIGHT_DECAY,
-         ALPHA, DECAY_COEFFICIENT, DELAY_STEPS, MIN_RATIO),
-        ("prev_iterate",),
-        "TVLARS (Do et al. 2023): LARS with φ_t = 1/(α + exp(λ_d(t − d_e))) + γ_min",
-    ),
-}
-
-BASE_NAMES: Tuple[str, ...] = tuple(_BASE)
-# GSNR momentum is on by default only where the VRGD paper uses it (SPEC §2).
-_GSNR_MOMENTUM_DEFAULT = {"adam": 0.9, "lamb": 0.9}
+def GSNR_HYPERS(gsnr_momentum: float = 0.0) -> Tuple[Hyper, ...]:
+    return (GAMMA, GSNR_MOMENTUM(gsnr_momentum))
 
 
-def _build() -> Dict[str, Rule]:
-    table: Dict[str, Rule] = {}
-    for base, (hypers, slots, doc) in _BASE.items():
-        table[base] = Rule(base, base, False, hypers, slots, doc)
-    for base, (hypers, slots, doc) in _BASE.items():
-        vr_hypers = hypers + (GAMMA, GSNR_MOMENTUM(_GSNR_MOMENTUM_DEFAULT.get(base, 0.0)))
-        table["vr-" + base] = Rule(
-            "vr-" + base, base, True, vr_hypers, slots + ("gsnr_avg",),
-            f"VR-{base}: {doc}, on the GSNR-scaled gradient ĝ = p̂ ⊙ ḡ (VRGD, Yu et al.)",
-        )
-    return table
+def register(name: str, hypers: Tuple[Hyper, ...], slots: Tuple[str, ...], doc: str,
+             class_name: str, gsnr_momentum: float = 0.0) -> Rule:
+    """Add base rule ``name`` and its ``vr-`` twin to the table; return the base rule.
+
+    ``gsnr_momentum`` is the default β₃ of the ``vr-`` twin (SPEC §2: 0.9 where the
+    VRGD paper uses GSNR momentum, 0 elsewhere).
+    """
+    global NAMES, BASE_NAMES
+    if name in RULES or not name or name.startswith("vr-"):
+        raise ValueError(f"invalid rule name {name!r}: must be new and must not start with 'vr-'")
+    RULES[name] = Rule(name, name, False, tuple(hypers), tuple(slots), doc, class_name)
+    RULES["vr-" + name] = Rule(
+        "vr-" + name, name, True, tuple(hypers) + GSNR_HYPERS(gsnr_momentum),
+        tuple(slots) + (GSNR_SLOT,),
+        f"VR-{name}: {doc}, on the GSNR-scaled gradient ĝ = p̂ ⊙ ḡ (VRGD, Yu et al.)",
+        "VR" + class_name)
+    BASE_NAMES = BASE_NAMES + (name,)
+    NAMES = BASE_NAMES + tuple("vr-" + b for b in BASE_NAMES)
+    return RULES[name]
 
 
-RULES: Dict[str, Rule] = _build()
-NAMES: Tuple[str, ...] = tuple(RULES)
+register("sgd", (LR(0.01), WEIGHT_DECAY), (), "w ← w − lr·(g + λw)", "SGD")
+register("momentum", (LR(0.01), MOMENTUM, NESTEROV, WEIGHT_DECAY), ("momentum_buffer",),
+         "b ← μb + (g + λw), w ← w − lr·b (PyTorch convention)", "Momentum")
+register("adam", (LR(1e-3), BETAS, EPS(1e-8), WEIGHT_DECAY), ("exp_avg", "exp_avg_sq"),
+         "Adam with decoupled weight decay (Kingma & Ba 2015; Loshchilov & Hutter 2019)", "Adam",
+         gsnr_momentum=0.9)
+register("lars", (LR(1.0), MOMENTUM, NESTEROV, TRUST_COEFFICIENT, EPS(1e-9), WEIGHT_DECAY, TRUST_CLIP),
+         ("momentum_buffer",), "LARS (You et al. 2017): b ← μb + lr·trust·(g + λw), w ← w − b", "LARS")
+register("lamb", (LR(1e-3), BETAS, EPS(1e-6), WEIGHT_DECAY, MAX_TRUST), ("exp_avg", "exp_avg_sq"),
+         "LAMB (You et al. 2020): w ← w − lr·(‖w‖/‖u‖)·u, u = m̂/(√v̂+ε) + λw", "LAMB",
+         gsnr_momentum=0.9)
+register("sngm", (LR(0.1), MOMENTUM, WEIGHT_DECAY), ("momentum_buffer",),
+         "SNGM (Zhao et al. 2020): u ← βu + d/‖d‖_global, w ← w − lr·u", "SNGM")
+register("tvlars", (LR(1.0), MOMENTUM, TRUST_COEFFICIENT, EPS(1e-9), WEIGHT_DECAY,
+                    ALPHA, DECAY_COEFFICIENT, DELAY_STEPS, MIN_RATIO), ("prev_iterate",),
+         "TVLARS (Do et al. 2023): LARS with φ_t = 1/(α + exp(λ_d(t − d_e))) + γ_min", "TVLARS")
+
 
 # Keras spells the first four hyperparameters its own way (SPEC §4).
 KERAS_NAMES = {"lr": "learning_rate", "eps": "epsilon"}  # betas -> beta_1, beta_2
@@ -230,7 +220,7 @@ def get_rule(name: str) -> Rule:
     return RULES[key]
 
 
-def validate(name: str, hparams: Optional[Mapping[str, Any]] = None, *, fill_defaults: bool = True) -> Dict[str, Any]:
+def validate(name: str, hparams: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Check hyperparameters for rule ``name``; return them (with defaults filled in).
 
     Unknown keys and out-of-range values raise ``ValueError`` naming the
@@ -249,7 +239,7 @@ def validate(name: str, hparams: Optional[Mapping[str, Any]] = None, *, fill_def
     for h in rule.hypers:
         if h.name in hparams:
             out[h.name] = h.check(hparams[h.name], rule.name)
-        elif fill_defaults:
+        else:
             out[h.name] = h.default
     if out.get("nesterov") and out.get("momentum", 1.0) == 0.0:
         raise ValueError(
@@ -292,8 +282,56 @@ def check_micro_batches(micro_batches) -> int:
     return micro_batches
 
 
+def check_gsnr(gamma, momentum) -> Tuple[float, float]:
+    """The GSNR transform's γ ∈ (0, 1] and β₃ ∈ [0, 1) (SPEC §2), as floats."""
+    return GAMMA.check(gamma), GSNR_MOMENTUM(0.0).check(momentum)
+
+
+SQUARE_DTYPES = (None, "float32", "float64", "bfloat16")
+
+
+def check_square_dtype(square_dtype) -> Optional[str]:
+    """``square_dtype``, the same on both backends: None, "float32", "float64" or "bfloat16".
+
+    Accepts the strings or a framework dtype (``torch.bfloat16``, ``tf.bfloat16``) and
+    returns the string. None = float32, or float64 for float64 parameters (SPEC §1).
+    """
+    name = square_dtype if square_dtype is None or isinstance(square_dtype, str) else \
+        str(getattr(square_dtype, "name", square_dtype)).replace("torch.", "")
+    if name not in SQUARE_DTYPES:
+        raise ValueError(f"invalid square_dtype={square_dtype!r}: must be None, 'float32', 'float64' or "
+                         "'bfloat16' (or the framework's dtype object)")
+    return name
+
+
+def square_wire_dtype(square_dtype: Optional[str], workers: int) -> Optional[str]:
+    """The dtype s really travels in: bfloat16 only where it is fewer bytes than float32.
+
+    Horovod 0.28 has no bfloat16 all-reduce on CPU, so bf16 s goes as an all-gather of
+    2-byte values. Bytes received per worker per element of s, W workers:
+    all-gather bf16 2(W − 1); ring all-reduce float32 8(W − 1)/W. bf16 is fewer only
+    for W ≤ 3 (half at W = 2, equal at W = 4, W/4 times more beyond); elsewhere s is
+    sent as float32 with one warning.
+    """
+    if square_dtype != "bfloat16" or workers <= 3:
+        return square_dtype
+    warnings.warn(f"hvd_lb: square_dtype='bfloat16' would send {workers / 4:g}× "
+                  f"the bytes of a float32 all-reduce at {workers} workers (bf16 goes as an all-gather); "
+                  "sending s as float32", stacklevel=3)
+    return "float32"
+
+
+# The VRGD paper's experiments use k ≥ 8 samples; below, r is dominated by a few elements.
+SMALL_K = 8
+_warned_small_k = False
+
+
 def check_samples(workers: int, micro_batches: int) -> int:
-    """k = workers × micro_batches for a VR rule; raise if there is no variance (k < 2)."""
+    """k = workers × micro_batches for a VR rule; raise if there is no variance (k < 2).
+
+    Warns once per process when k < 8 (SPEC §2 note: mean r ≈ 0.10 at k = 2,
+    ≈ 0.39 at k = 4, ≈ 0.49 at k = 8).
+    """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"invalid workers={workers!r}: must be an integer in [1, inf)")
     check_micro_batches(micro_batches)
@@ -304,10 +342,20 @@ def check_samples(workers: int, micro_batches: int) -> int:
             f"the gradient variance, got k = {workers} × {micro_batches} = {k}: run with more "
             "Horovod workers (horovodrun -np 2 or more) or pass micro_batches=2 or more"
         )
+    global _warned_small_k
+    if k < SMALL_K and not _warned_small_k:
+        _warned_small_k = True
+        warnings.warn(
+            f"hvd_lb: GSNR from k = {workers} × {micro_batches} = {k} gradient samples is weak "
+            f"(the VRGD paper uses k ≥ {SMALL_K}; at k = 2 about 99 % of elements are clipped to γ "
+            "and the mean step is ~γ times the base rule's): raise k with micro_batches "
+            f"(DistributedOptimizer(..., micro_batches={-(-SMALL_K // workers)}), splitting each "
+            "worker's batch) or more workers", stacklevel=2)
     return k
 
 
 __all__ = [
-    "Hyper", "Rule", "RULES", "NAMES", "BASE_NAMES", "get_rule", "validate",
+    "Hyper", "Rule", "RULES", "NAMES", "BASE_NAMES", "GSNR_HYPERS", "GSNR_SLOT", "register", "get_rule",
+    "validate", "check_gsnr", "check_square_dtype", "square_wire_dtype", "SQUARE_DTYPES",
     "to_keras", "from_keras", "check_samples", "check_micro_batches", "KERAS_NAMES",
 ]

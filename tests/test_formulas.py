@@ -15,14 +15,14 @@ def test_gsnr_ratio_matches_reference(seed):
     rng = np.random.default_rng(seed)
     xs = rng.normal(loc=rng.normal(size=50), size=(4, 50))
     mean, sq = xs.mean(0), (xs ** 2).mean(0)
-    r, mu, clipped = F.gsnr_ratio(B, mean, sq, 0.1)
+    r, mu, clipped = F.gsnr_ratio(B, mean, sq, 0.1, F.variance_floor(True))
     r_ref, mu_ref, clipped_ref = R.gsnr_ratio(mean, sq, 0.1)
     np.testing.assert_allclose(r, r_ref, rtol=1e-13)
     assert mu == pytest.approx(mu_ref, rel=1e-13) and clipped == pytest.approx(clipped_ref)
 
 
 def test_gsnr_ratio_all_zero_gradient_is_one():
-    r, mu, clipped = F.gsnr_ratio(B, np.zeros(3), np.zeros(3), 0.1)
+    r, mu, clipped = F.gsnr_ratio(B, np.zeros(3), np.zeros(3), 0.1, F.variance_floor(True))
     np.testing.assert_array_equal(r, np.ones(3))
     assert mu == 0 and clipped == 0
 

@@ -146,8 +146,9 @@ def test_gsnr_hand_values():
     close(sq[0], [4, 5, 1])
     r, mu, clipped = R.gsnr_ratio(mean[0], sq[0], 0.1)
     close(r, [1, 0.1, 0.1])
-    delta = 1e-12 * (2 / 3) + 1e-30
-    assert mu == pytest.approx((4 / delta + 4 / (1 + delta)) / 3, rel=1e-12)
+    floor = 2.0 ** -50 * 4  # SPEC §2: var of the identical first element is floored at ε_w·s
+    delta = 1e-12 * (2 + floor) / 3 + 1e-30
+    assert mu == pytest.approx((4 / (floor + delta) + 4 / (1 + delta)) / 3, rel=1e-12)
     assert clipped == pytest.approx(2 / 3)
     g_hat = hand_g_hat(0.1, 0.9)
     close(g_hat[1], [1, (0.09 * 0.1 + 0.1) / 0.19, 0])
