@@ -122,7 +122,16 @@ def test_warmup_decay_lr_matches_core(decay):
 def test_distributed_optimizer_argument_checks():
     hvd = pytest.importorskip("horovod.torch")
     w = torch.zeros(2, 2, requires_grad=True)
-    with pytest.raises(ValueError, match="invalid optimizer=SGD"):
-        lbt.DistributedOptimizer(torch.optim.SGD([w], lr=0.1))
+    # Any torch optimizer is accepted (plain ones go to Horovod's wrapper); other objects are not.
+    with pytest.raises(ValueError, match="invalid optimizer="):
+        lbt.DistributedOptimizer(object())
     with pytest.raises(ValueError, match="invalid micro_batches=0"):
         lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), micro_batches=0)
+    with pytest.raises(ValueError, match="invalid micro_batches=0"):
+        lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), backward_passes_per_step=0)
+    with pytest.raises(ValueError, match="same argument"):
+        lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), backward_passes_per_step=2, micro_batches=4)
+    with pytest.raises(ValueError, match="invalid gradient_predivide_factor=0"):
+        lbt.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), gradient_predivide_factor=0)
+    with pytest.raises(ValueError, match="invalid square_dtype="):
+        lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), square_dtype="float16")

@@ -59,7 +59,7 @@ def check_parity(ranks, names, W):
 def compat(tmp_path_factory):
     """One -np 2 Gloo launch runs the parity cases and every compatibility case."""
     out = tmp_path_factory.mktemp("compat")
-    return launch(out, "parity+compat", 2, "gloo", rules.NAMES)
+    return launch(out, "parity+compat+gsnr", 2, "gloo", rules.NAMES)
 
 
 @pytest.mark.multiprocess
@@ -160,3 +160,25 @@ def test_gsnr_diagnostics_names_and_values(compat):
 def test_sparse_gradients_densified_with_one_warning(compat):
     np.testing.assert_allclose(_same_on_ranks(compat, "sparse"), compat[0]["dense"], rtol=1e-12)
     assert compat[0]["sparse_warnings"] == 1
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("case", ["sgd", "adamw"])
+def test_gsnr_of_torch_optimizers_equals_reference(compat, case, M):
+    """GSNR(torch.optim.SGD) = reference vr-momentum, GSNR(AdamW) = reference vr-adam, after
+    Horovod's broadcast_optimizer_state, whose step on zero gradients (ḡ = s = 0) builds the
+    lazy state and is step 1 for the optimizer, as with plain Horovod."""
+    key = f"gsnr/{case}/M{M}"
+    params = _same_on_ranks(compat, key)
+    if case == "sgd":
+        ref = reference.ReferenceOptimizer("vr-momentum", worker.init_params(), lr=0.05, momentum=0.9,
+                                           weight_decay=0.01, gamma=0.3, gsnr_momentum=0.0)
+    else:
+        ref = reference.ReferenceOptimizer("vr-adam", worker.init_params(), lr=0.05, weight_decay=0.01,
+                                           gamma=0.3, gsnr_momentum=0.9)
+    zeros = [np.zeros_like(w) for w in ref.params]
+    ref.step(zeros, zeros)
+    for step in range(1, worker.STEPS + 1):
+        ref.step_samples(_samples(step, 2, M))
+    assert_params(params, ref.params, 1e-10, key)

@@ -1,17 +1,16 @@
-"""Horovod ``DistributedOptimizer`` for hvd_lb optimizers (SPEC §1).
+"""Horovod ``DistributedOptimizer`` for any torch optimizer, with s for GSNR (docs/SPEC.md §1).
 
-Non-VR rules: Horovod's own wrapper, one all-reduce per gradient.
+Optimizers without the GSNR transform: Horovod's own wrapper, one all-reduce per gradient.
 
-VR rules: k = W·M gradient samples x_{w,m} = M·g_{w,m}, where g_{w,m} is one
+With the GSNR transform (``vr-*`` rules, ``GSNR(opt)``): k = W·M gradient samples x_{w,m} = M·g_{w,m}, where g_{w,m} is one
 micro-batch's gradient (p.grad after that backward minus p.grad before).  Each
 worker accumulates Σ_m g_m² during the micro-batches; at the last one, for each
 tensor, the gradient and its local mean of squares M·Σ_m g_m² are all-reduced
 (Average) in ONE grouped call, so ḡ and s = (1/k)Σx² leave in the same cycle.
-With ``square_dtype=torch.bfloat16`` s travels as bf16: Horovod 0.28 cannot
-all-reduce bf16 tensors, so it goes as an allgather of the bf16 bits (int16)
-enqueued together with the gradient all-reduce, averaged locally in float32;
-that is half the bytes of a float32 all-reduce for 2 workers, equal at 4, more
-beyond.
+With ``square_dtype="bfloat16"`` s travels as bf16 where that is fewer bytes
+(``rules.square_wire_dtype``: W ≤ 3): Horovod 0.28 cannot all-reduce bf16
+tensors, so it goes as an allgather of the bf16 bits (int16) enqueued together
+with the gradient all-reduce, averaged locally in float32.
 """
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from .. import rules
-from .optimizers import LBOptimizer
+from .gsnr import GSNRTransform
 
 try:
     import horovod.torch as hvd
@@ -31,7 +30,6 @@ except ImportError as e:  # pragma: no cover - horovod is a hard dependency at r
     hvd = None
     _HVD_ERROR = e
 
-_SQUARE_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _UNSET = object()
 
 
@@ -39,9 +37,11 @@ class _DistributedVR(torch.optim.Optimizer):
     """Mixed into the user's VR optimizer class, the way Horovod builds its wrapper."""
 
     def __init__(self, params, named_parameters, compression, micro_batches, op, process_set,
-                 square_dtype):
+                 square_dtype, predivide):
         super(self.__class__, self).__init__(params)
         self._compression = compression
+        # Horovod's gradient_predivide_factor f: 1/f before the sum, f/size after (same mean).
+        self._scale = (1.0 / predivide, predivide)
         self.micro_batches = micro_batches
         self.op = op
         self.process_set = process_set
@@ -71,7 +71,7 @@ class _DistributedVR(torch.optim.Optimizer):
     # --- per-backward work ----------------------------------------------------------
 
     def _work_dtype(self, p):
-        return torch.float64 if p.dtype == torch.float64 else torch.float32
+        return torch.float64 if p.dtype == torch.float64 or self.square_dtype == "float64" else torch.float32
 
     def _densify(self, p):
         if p.grad.is_sparse:
@@ -119,16 +119,17 @@ class _DistributedVR(torch.optim.Optimizer):
             sq = acc.mul_(self.micro_batches) if self.micro_batches > 1 else acc
         name = self._parameter_names[p]
         grad, ctx = self._compression.compress(p.grad)
-        if self.square_dtype == torch.bfloat16:
+        pre, post = self._scale
+        if self.square_dtype == "bfloat16":
             bits = sq.to(torch.bfloat16).view(torch.int16).reshape(1, -1)
-            h_g = hvd.allreduce_async_(grad, name=name, op=self.op, process_set=self.process_set)
+            h_g = hvd.allreduce_async_(grad, name=name, op=self.op, process_set=self.process_set,
+                                       prescale_factor=pre, postscale_factor=post)
             h_s = hvd.allgather_async(bits, name=name + ".sq", process_set=self.process_set)
             self._handles[p] = ("split", (h_g, h_s), ctx)
         else:
-            if sq.dtype != self.square_dtype and self.square_dtype == torch.float64:
-                sq = sq.to(torch.float64)
             h = hvd.grouped_allreduce_async_([grad, sq], name=name, op=self.op,
-                                             process_set=self.process_set)
+                                             process_set=self.process_set,
+                                             prescale_factor=pre, postscale_factor=post)
             self._handles[p] = ("grouped", h, ctx)
         self._prev.pop(p, None)
 
@@ -188,8 +189,8 @@ class _DistributedVR(torch.optim.Optimizer):
                     s = s.mul_(ratio * ratio)
                 sq.append(s)
         self.set_grad_sq(sq)
-        # s is this wrapper's buffer (or a fresh tensor): the rule may overwrite it.
-        self._grad_sq_owned = True
+        # s is this wrapper's buffer (or a fresh tensor): the transform may overwrite it.
+        self._gsnr_sq_owned = True
         return super(self.__class__, self).step(closure)
 
     def zero_grad(self, set_to_none: bool = True):
@@ -233,40 +234,64 @@ def _names(opt, named_parameters):
     return named
 
 
-def DistributedOptimizer(optimizer, named_parameters=None, micro_batches: int = 1,
-                         compression=_UNSET, op=_UNSET, process_set=_UNSET,
-                         square_dtype: torch.dtype = torch.float32):
-    """Wrap an hvd_lb optimizer for Horovod data parallelism (SPEC §1).
+def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, backward_passes_per_step=None,
+                         op=_UNSET, gradient_predivide_factor=1.0, num_groups=0, groups=None,
+                         sparse_as_dense=False, process_set=_UNSET, *, micro_batches=None,
+                         square_dtype=None):
+    """``horovod.torch.DistributedOptimizer`` with s for the GSNR transform (docs/SPEC.md §1).
 
-    ``micro_batches`` = M backward passes per ``step()`` (Horovod's
-    ``backward_passes_per_step``).  VR rules need k = size·M ≥ 2.  ``compression``,
-    ``op`` and ``process_set`` default to ``hvd.Compression.none``, ``hvd.Average``
-    and ``hvd.global_process_set``; VR rules need ``op=hvd.Average``.
-    ``square_dtype`` (VR only): float32 (float64 for float64 parameters) or
-    bfloat16 to halve the bytes of s.  Returns an optimizer of the same class
-    with ``synchronize()``, ``skip_synchronize()`` and ``gsnr_diagnostics()``.
+    Takes Horovod's arguments with Horovod's defaults, and any torch optimizer:
+
+    * ``optimizer``: any ``torch.optim.Optimizer``. Without the GSNR transform it is
+      exactly Horovod's wrapper (one all-reduce per gradient). With it (``vr-*`` rules,
+      ``hvd_lb.torch.GSNR(opt)``) each tensor's ḡ and s = (1/k)Σx² leave in one grouped
+      all-reduce, and the step runs on ĝ.
+    * ``named_parameters``: ``model.named_parameters()`` (names for the all-reduce and
+      diagnostics; taken from ``hvd_lb.torch.create(name, model)`` when not given).
+    * ``compression``: ``hvd.Compression.none`` (default) or ``.fp16``; applies to ḡ only.
+    * ``backward_passes_per_step`` / ``micro_batches`` (the same thing, say one): M backward
+      passes per ``step()``. Gradients are SUMMED over the M micro-batches, as in Horovod:
+      scale each micro-batch's loss by 1/M for the mean. VR rules need k = size·M ≥ 2.
+    * ``op``: ``hvd.Average`` (default), ``hvd.Sum`` or ``hvd.Adasum`` (not with GSNR:
+      ḡ and s are means over samples).
+    * ``gradient_predivide_factor``: f, gradients are divided by f before the sum and
+      multiplied by f/size after (with GSNR: ḡ and s alike).
+    * ``num_groups``, ``groups``: Horovod's fusion groups (without GSNR; with GSNR each
+      tensor's [ḡ, s] pair is one group and these are ignored).
+    * ``sparse_as_dense``: as Horovod (GSNR always densifies: the variance is per element).
+    * ``process_set``: ``hvd.global_process_set`` (default); k counts its workers.
+    * ``square_dtype`` (GSNR only): None or ``"float32"`` (float32; float64 for float64
+      parameters), ``"float64"``, or ``"bfloat16"`` where that is fewer bytes
+      (``rules.square_wire_dtype``); torch dtypes are accepted too.
+
+    Returns an optimizer of the same class with ``synchronize()``, ``skip_synchronize()``
+    and, with GSNR, ``gsnr_diagnostics()``.
     """
     if hvd is None:
         raise ImportError(f"hvd_lb.torch.DistributedOptimizer needs horovod.torch: {_HVD_ERROR}")
     compression = hvd.Compression.none if compression is _UNSET else compression
     op = hvd.Average if op is _UNSET else op
     process_set = hvd.global_process_set if process_set is _UNSET else process_set
-    if not isinstance(optimizer, LBOptimizer):
-        raise ValueError(f"invalid optimizer={type(optimizer).__name__}: must be an hvd_lb.torch "
-                         "optimizer (hvd_lb.torch.create(...)); wrap torch optimizers with "
-                         "hvd.DistributedOptimizer")
-    rules.check_micro_batches(micro_batches)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"invalid optimizer={optimizer!r}: must be a torch.optim.Optimizer")
+    micro_batches = _micro_batches(backward_passes_per_step, micro_batches)
+    if isinstance(gradient_predivide_factor, bool) or not isinstance(gradient_predivide_factor, (int, float)) \
+            or not 0 < gradient_predivide_factor < float("inf"):
+        raise ValueError(f"invalid gradient_predivide_factor={gradient_predivide_factor!r}: must be in (0, inf)")
+    square_dtype = rules.check_square_dtype(square_dtype)
     names = None
     if named_parameters is not None:
         named_parameters = list(named_parameters)
-    elif optimizer._param_names:
+    elif getattr(optimizer, "_param_names", None):
         names = dict(optimizer._param_names)
 
-    if not optimizer.rule.gsnr:
+    if not isinstance(optimizer, GSNRTransform):
         # Exactly Horovod's wrapper: one all-reduce per gradient.
-        wrapped = hvd.DistributedOptimizer(optimizer, named_parameters=named_parameters,
-                                           compression=compression, backward_passes_per_step=micro_batches,
-                                           op=op, process_set=process_set)
+        wrapped = hvd.DistributedOptimizer(
+            optimizer, named_parameters=named_parameters, compression=compression,
+            backward_passes_per_step=micro_batches, op=op,
+            gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups, groups=groups,
+            sparse_as_dense=sparse_as_dense, process_set=process_set)
         if named_parameters is not None:
             wrapped._param_names = {p: n for n, p in named_parameters}
         elif names:
@@ -274,12 +299,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, micro_batches: int = 
         return wrapped
 
     if op != hvd.Average:
-        raise ValueError(f"invalid op={op!r} for VR optimizer '{optimizer.rule.name}': ḡ and s are "
+        raise ValueError(f"invalid op={op!r} for {type(optimizer).__name__} (GSNR): ḡ and s are "
                          "means over samples, so op must be hvd.Average")
-    if square_dtype not in _SQUARE_DTYPES:
-        raise ValueError(f"invalid square_dtype={square_dtype!r}: must be torch.float32, "
-                         "torch.float64 or torch.bfloat16")
-    rules.check_samples(process_set.size(), micro_batches)
+    if process_set.included():
+        rules.check_samples(process_set.size(), micro_batches)
+        square_dtype = rules.square_wire_dtype(square_dtype, process_set.size())
     if named_parameters is None and names:
         named_parameters = [(n, p) for p, n in names.items()]
     body = dict(_DistributedVR.__dict__)
@@ -287,8 +311,25 @@ def DistributedOptimizer(optimizer, named_parameters=None, micro_batches: int = 
     # the base class only (never all-reducing); our class must be recognised the same way.
     body["__module__"] = _hvd_optimizer.DistributedOptimizer.__module__
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), body)
-    return cls(optimizer.param_groups, named_parameters, compression, micro_batches, op, process_set,
-               square_dtype)
+    wrapped = cls(optimizer.param_groups, named_parameters, compression, micro_batches, op, process_set,
+                  square_dtype, float(gradient_predivide_factor))
+    # Unlike Horovod's wrapper, keep the state the optimizer already had (e.g. a loaded checkpoint).
+    for p, st in optimizer.state.items():
+        wrapped.state[p] = st
+    wrapped.defaults.update(optimizer.defaults)
+    for group in wrapped.param_groups:
+        wrapped._init_gsnr_state(group)
+    return wrapped
+
+
+def _micro_batches(backward_passes_per_step, micro_batches) -> int:
+    """Horovod's ``backward_passes_per_step`` and hvd_lb's ``micro_batches`` are one argument."""
+    if backward_passes_per_step is not None and micro_batches is not None \
+            and backward_passes_per_step != micro_batches:
+        raise ValueError(f"invalid micro_batches={micro_batches!r} with backward_passes_per_step="
+                         f"{backward_passes_per_step!r}: they are the same argument, pass one")
+    value = micro_batches if micro_batches is not None else backward_passes_per_step
+    return rules.check_micro_batches(1 if value is None else value)
 
 
 __all__ = ["DistributedOptimizer"]

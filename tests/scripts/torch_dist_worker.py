@@ -1,7 +1,8 @@
 """Worker for the torch Horovod tests: ``python torch_dist_worker.py MODE OUT_DIR [NAMES...]``.
 
 Modes (join with ``+`` to run several in one launch): ``parity`` (every NAME × micro_batches 1, 2), ``compat`` (broadcast, clipping,
-GradScaler, checkpoint, bf16 squares, sparse, diagnostics), ``single`` (size-1 Horovod:
+GradScaler, checkpoint, bf16 squares, sparse, diagnostics), ``gsnr`` (GSNR in front of
+torch.optim.SGD / AdamW, Horovod's arguments, broadcast of lazily built state), ``single`` (size-1 Horovod:
 k < 2 error, linear regression).  Each rank writes ``OUT_DIR/rank{r}.json``.
 Data are seeded per (step, worker, micro-batch) so the test can rebuild every sample.
 """
@@ -196,6 +197,30 @@ def mode_compat(hvd, lbt, _names):
     return out
 
 
+GSNR_CASES = {
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01), 0.0),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.01), 0.9),
+}
+
+
+def mode_gsnr(hvd, lbt, _names):
+    """GSNR(torch.optim.X) inside hvd_lb's DistributedOptimizer, given Horovod's own arguments."""
+    out = {}
+    for case, (make, b3) in GSNR_CASES.items():
+        for M in (1, 2):
+            params = _leaves(init_params())
+            opt = lbt.DistributedOptimizer(
+                lbt.GSNR(make(params), gamma=0.3, momentum=b3),
+                named_parameters=[(f"p{i}", p) for i, p in enumerate(params)],
+                backward_passes_per_step=M, gradient_predivide_factor=2.0 if M == 2 else 1.0)
+            # Horovod's broadcast on a fresh torch optimizer: one zero-gradient step builds the state.
+            hvd.broadcast_optimizer_state(opt, root_rank=0)
+            _steps(hvd, opt, params, M, 1, STEPS)
+            out[f"gsnr/{case}/M{M}"] = [_dump(p) for p in params]
+            out[f"gsnr/{case}/M{M}/state"] = _state(opt)
+    return out
+
+
 def linreg(lbt, name, lr, gamma=0.1, steps=100, batch=256, k=8, dim=10, seed=0):
     """VRGD §7.2: y = W·x with W_i = i, w₀ = 0, MSE; k micro-batches of batch/k per step."""
     W = torch.arange(1, dim + 1, dtype=torch.float64)
@@ -249,7 +274,7 @@ def main():
     import horovod.torch as hvd
     import hvd_lb.torch as lbt
     hvd.init()
-    modes = {"parity": mode_parity, "compat": mode_compat, "single": mode_single}
+    modes = {"parity": mode_parity, "compat": mode_compat, "gsnr": mode_gsnr, "single": mode_single}
     result = {}
     for m in mode.split("+"):
         result.update(modes[m](hvd, lbt, names))

@@ -1,0 +1,310 @@
+"""The GSNR transform (VRGD §4, docs/SPEC.md §2) in front of any ``torch.optim.Optimizer``.
+
+``GSNR(opt)`` gives an optimizer of a subclass of ``type(opt)`` whose ``step()``
+replaces each gradient ḡ by
+
+    ĝ = p̂ ⊙ ḡ,   p_t = β₃p_{t−1} + (1 − β₃)r,   p̂ = p_t/(1 − β₃^t),
+    r = clip(r_raw/mean(r_raw), γ, 1),   r_raw = ḡ²/(max(s − ḡ², ε_w·s) + δ),
+
+runs the wrapped rule on ĝ and puts ḡ back into ``p.grad``.  s = (1/k)Σx² comes
+from ``hvd_lb.torch.DistributedOptimizer`` (or ``set_grad_sq``).  Every ``vr-X``
+optimizer is this transform in front of ``X``.
+
+Like Horovod's wrapper, the class is built with ``type(name, (cls, ...), ...)`` and
+everything it needs lives in the param groups (``gamma``, ``gsnr_momentum``,
+``gsnr_exclude``), so Horovod can rebuild it from ``param_groups``.  p_t and the
+transform's step count are the state entries ``gsnr_avg`` and ``gsnr_step``; for
+optimizers that create their state lazily (``torch.optim``) they are added after
+the wrapped rule's first step, because those rules initialise a parameter's state
+only while it is empty.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Dict, List, Optional
+
+import torch
+
+from .. import formulas, grouping, rules
+from ._ops import T
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude")
+
+
+def param_name(opt, p) -> str:
+    """``opt``'s name for ``p``: from ``named_parameters`` when known, else ``param_groups.i.j``."""
+    names = getattr(opt, "_param_names", None) or {}
+    if p in names:
+        return names[p]
+    for i, g in enumerate(opt.param_groups):
+        for j, q in enumerate(g["params"]):
+            if q is p:
+                return f"param_groups.{i}.{j}"
+    raise KeyError("parameter not in this optimizer")
+
+
+class GSNRTransform:
+    """Mixed in front of an optimizer class; see the module docstring."""
+
+    _gsnr_sq: Optional[Dict[torch.Tensor, torch.Tensor]] = None
+    _gsnr_sq_owned = False   # True: step() may overwrite the s tensors (the wrapper's buffers)
+    _gsnr_diag: tuple = ()
+
+    def add_param_group(self, param_group):
+        """Add a group; ``gamma``/``gsnr_momentum`` default to the optimizer's (SPEC §2 ranges)."""
+        first = self.param_groups[0] if self.param_groups else {}
+        fallback = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": ()}
+        for key in _KEYS:
+            if key not in param_group:
+                param_group[key] = self.defaults.get(key, first.get(key, fallback[key]))
+        param_group["gamma"], param_group["gsnr_momentum"] = rules.check_gsnr(
+            param_group["gamma"], param_group["gsnr_momentum"])
+        param_group["gsnr_exclude"] = tuple(param_group["gsnr_exclude"])
+        super().add_param_group(param_group)
+        self._init_gsnr_state(self.param_groups[-1])
+
+    def _init_gsnr_state(self, group) -> None:
+        """p_0 = 0 and t = 0 beside state the wrapped rule built eagerly (hvd_lb's rules).
+
+        Lazily built state (torch.optim) gets them after the first step instead, so every
+        rank holds the same keys for ``hvd.broadcast_optimizer_state``.
+        """
+        skip = set(group["gsnr_exclude"])
+        for j, p in enumerate(group["params"]):
+            st = self.state.get(p)
+            if st and j not in skip:
+                st.setdefault(rules.GSNR_SLOT, torch.zeros_like(p))
+                st.setdefault("gsnr_step", 0)
+
+    def set_grad_sq(self, sq) -> None:
+        """Give s = (1/k)Σx² (SPEC §1), one tensor (or None) per parameter in param-group order.
+
+        Consumed by the next ``step()``.
+        """
+        sq = list(sq)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(sq) != len(params):
+            raise ValueError(f"invalid sq: got {len(sq)} tensors, the optimizer has {len(params)} parameters")
+        out = {}
+        for i, (p, s) in enumerate(zip(params, sq)):
+            if s is not None:
+                if not isinstance(s, torch.Tensor) or s.shape != p.shape:
+                    raise ValueError(f"invalid sq[{i}]: must be a tensor of shape {tuple(p.shape)}")
+                out[p] = s
+        self._gsnr_sq = out
+        self._gsnr_sq_owned = False
+
+    def gsnr_diagnostics(self) -> Dict[str, Dict[str, float]]:
+        """Last step's per-tensor mean GSNR mean(r_raw) and fraction of r̃ clipped up to γ.
+
+        Computed during ``step()`` from the statistics already reduced: no communication.
+        """
+        out = {}
+        for params, mus, clipped in self._gsnr_diag:
+            for p, mu, c in zip(params, mus.tolist(), clipped.tolist()):
+                out[param_name(self, p)] = {"mean_gsnr": float(mu), "clipped_fraction": float(c)}
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """ĝ into ``p.grad``, the wrapped rule's step, ḡ back into ``p.grad``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sq, self._gsnr_sq = self._gsnr_sq, None
+        owned, self._gsnr_sq_owned = self._gsnr_sq_owned, False
+        diag, swapped, new_state = [], [], []
+        for group in self.param_groups:
+            skip = set(group["gsnr_exclude"])
+            ps = [p for j, p in enumerate(group["params"]) if p.grad is not None and j not in skip]
+            if not ps:
+                continue
+            ss = self._stats_for(ps, sq)
+            g_hats, avgs, steps, mus, clipped = _gsnr(group, ps, ss, [self.state[p] for p in ps], owned)
+            diag.append((ps, mus.detach(), clipped.detach()))
+            for p, g_hat, avg, t in zip(ps, g_hats, avgs, steps):
+                swapped.append((p, p.grad))
+                p.grad = g_hat
+                new_state.append((p, avg, t))
+        try:
+            super().step()
+        finally:
+            for p, g in swapped:
+                p.grad = g
+        for p, avg, t in new_state:
+            st = self.state[p]
+            if rules.GSNR_SLOT in st and st[rules.GSNR_SLOT] is not avg:
+                st[rules.GSNR_SLOT].copy_(avg)
+            else:
+                st[rules.GSNR_SLOT] = avg
+            st["gsnr_step"] = t
+        self._gsnr_diag = tuple(diag)
+        return loss
+
+    def _stats_for(self, ps, sq):
+        if sq is not None and all(p in sq for p in ps):
+            return [sq[p] for p in ps]
+        if all(not p.grad.any() for p in ps):
+            # ĝ = r ⊙ 0 = 0 for any r: no statistics needed. Horovod's broadcast_optimizer_state
+            # initialises lazily-built state with one step on zero gradients.
+            return [torch.zeros_like(p.grad) for p in ps]
+        raise RuntimeError(
+            f"{type(self).__name__} needs gradient statistics (s, the mean of squared gradient "
+            "samples, docs/SPEC.md §1) and got none for this step: wrap it in "
+            "hvd_lb.torch.DistributedOptimizer(opt, micro_batches=...), which all-reduces them "
+            "(horovod.torch.DistributedOptimizer does not), or call opt.set_grad_sq([...]) before "
+            "opt.step()")
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # Checkpoints from before the transform kept p_t but no count of their own: it was ``step``.
+        for st in self.state.values():
+            if rules.GSNR_SLOT in st and "gsnr_step" not in st and "step" in st:
+                st["gsnr_step"] = int(st["step"])
+
+
+def _gsnr(group, ps, ss, states, owned):
+    """ĝ per tensor in float32 or wider. Returns (ĝ list, p_t list, t list, μ_r, clipped)."""
+    gs = [p.grad for p in ps]
+    wide = [g.float() if g.dtype in _LOW_PRECISION else g for g in gs]
+    owned = owned and all(s.dtype == g.dtype for s, g in zip(ss, wide))
+    ss = [s.to(g.dtype) for s, g in zip(ss, wide)]
+    steps = [st.get("gsnr_step", 0) + 1 for st in states]  # lazily built: absent before step 1
+    avgs = [st[rules.GSNR_SLOT].to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
+            for st, g in zip(states, wide)]
+    eps_w = [formulas.variance_floor(g.dtype == torch.float64) for g in wide]
+    if group.get("foreach") is not False:
+        out, avgs, mus, clipped = _gsnr_foreach(wide, ss, avgs, steps, eps_w, group["gamma"],
+                                                group["gsnr_momentum"], owned)
+    else:
+        out, new_avgs, mus, clipped = [], [], [], []
+        for g, s, avg, t, e in zip(wide, ss, avgs, steps, eps_w):
+            r, mu, c = formulas.gsnr_ratio(T, g, s, group["gamma"], e)
+            g_hat, p_t = formulas.gsnr_scale(T, g, r, avg, group["gsnr_momentum"], t)
+            out.append(g_hat)
+            new_avgs.append(p_t)
+            mus.append(mu)
+            clipped.append(c)
+        avgs, mus, clipped = new_avgs, torch.stack(mus), torch.stack(clipped)
+    out = [o.to(g.dtype) for o, g in zip(out, gs)]
+    return out, avgs, steps, mus, clipped
+
+
+def _sums(tensors):
+    """Σx per tensor of a non-negative (or sign-valued) list; plain sums beat ‖·‖₁ kernels on CPU."""
+    return torch.stack([t.sum() for t in tensors]).abs()
+
+
+def _scalars(vec: torch.Tensor) -> List[torch.Tensor]:
+    # 0-dim tensors broadcast in _foreach_mul_ without a host sync.
+    return list(vec.unbind())
+
+
+def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, owned):
+    """formulas.gsnr_ratio + gsnr_scale as in-place foreach kernels over a list.
+
+    Per-tensor means are sums/n of non-negative lists; the per-tensor scalars go
+    through formulas' own expressions.  ``owned``: ``ss`` may be overwritten.
+    """
+    n = torch.tensor([g.numel() for g in gs], dtype=gs[0].dtype, device=gs[0].device)
+    r = torch._foreach_mul(gs, gs)                            # ḡ², becomes r_raw, r̃, r, ĝ in place
+    scratch = torch._foreach_mul(ss, eps_w)                   # ε_w·s
+    var = ss if owned else [s.clone() for s in ss]
+    torch._foreach_sub_(var, r)
+    torch._foreach_maximum_(var, scratch)                     # var = max(s − ḡ², ε_w·s)
+    delta = formulas.DELTA_REL * (_sums(var) / n) + formulas.DELTA_ABS
+    torch._foreach_add_(var, _scalars(delta))
+    torch._foreach_div_(r, var)                               # r_raw
+    mu = _sums(r) / n
+    zero = mu == 0
+    torch._foreach_div_(r, _scalars(torch.where(zero, torch.ones_like(mu), mu)))
+    torch._foreach_add_(r, _scalars(zero.to(mu.dtype)))      # r̃ = 1 where μ_r = 0 (r_raw ≡ 0 there)
+    torch._foreach_copy_(scratch, r)
+    torch._foreach_sub_(scratch, gamma)
+    torch._foreach_clamp_max_(scratch, 0.0)
+    torch._foreach_sign_(scratch)                             # −1 exactly where r̃ < γ
+    clipped = _sums(scratch) / n
+    torch._foreach_clamp_min_(r, gamma)
+    torch._foreach_clamp_max_(r, 1.0)                         # r = clip(r̃, γ, 1)
+    if b3 == 0.0:
+        torch._foreach_copy_(avgs, r)                         # p_t = r
+    else:
+        torch._foreach_mul_(avgs, b3)
+        torch._foreach_add_(avgs, r, alpha=1.0 - b3)          # p_t = β₃p + (1−β₃)r
+        torch._foreach_copy_(r, avgs)
+        torch._foreach_div_(r, [1.0 - b3 ** t for t in steps])
+    torch._foreach_mul_(r, gs)                                # ĝ = p_t/(1−β₃^t)·ḡ
+    return r, avgs, mu, clipped
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def transform_class(cls: type, name: Optional[str] = None, **body) -> type:
+    """``cls`` with the GSNR transform in front (cached per class when unnamed)."""
+    if issubclass(cls, GSNRTransform):
+        raise ValueError(f"invalid optimizer={cls.__name__}: it already has the GSNR transform")
+    if name is not None:
+        return type(name, (GSNRTransform, cls), body)
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type("GSNR" + cls.__name__, (GSNRTransform, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+def GSNR(optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float = 0.0, exclude=(),
+         named_parameters=None) -> torch.optim.Optimizer:
+    """Put the GSNR transform (VRGD §4, docs/SPEC.md §2) in front of any torch optimizer.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (``AdamW``, timm's ``Lamb``, hvd_lb's own);
+            its param groups and state carry over.
+        gamma: γ ∈ (0, 1], the floor of r. γ = 1 gives exactly ``optimizer``.
+        momentum: β₃ ∈ [0, 1), GSNR momentum (VR-Adam and VR-LAMB use 0.9).
+        exclude: fnmatch patterns of parameter names that get ḡ unscaled (default: none,
+            GSNR applies to every tensor); names come from ``named_parameters`` or from
+            ``hvd_lb.torch.create(name, model)``.
+        named_parameters: ``model.named_parameters()``, for ``exclude`` and diagnostics.
+
+    Returns an optimizer of class ``GSNR<Name>``, a subclass of ``type(optimizer)``: use it
+    in place of ``optimizer``, inside ``hvd_lb.torch.DistributedOptimizer`` (which gives
+    it s), with ``state_dict``/``load_state_dict`` and ``gsnr_diagnostics()``.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"invalid optimizer={optimizer!r}: must be a torch.optim.Optimizer")
+    if getattr(optimizer, "_parameter_names", None) is not None and hasattr(optimizer, "synchronize"):
+        raise ValueError("invalid optimizer: it is already a DistributedOptimizer; apply GSNR first: "
+                         "DistributedOptimizer(GSNR(opt), ...)")
+    gamma, momentum = rules.check_gsnr(gamma, momentum)
+    exclude = grouping.patterns("exclude", exclude)
+    clash = sorted(set(_KEYS) & set(optimizer.defaults))
+    if clash and not isinstance(optimizer, GSNRTransform):
+        raise ValueError(f"invalid optimizer={type(optimizer).__name__}: its param groups already use "
+                         f"{', '.join(clash)}, which the GSNR transform keeps there")
+    cls = transform_class(type(optimizer))
+    names = dict(getattr(optimizer, "_param_names", None) or {})
+    if named_parameters is not None:
+        names.update({p: n for n, p in named_parameters})
+    groups = []
+    for group in optimizer.param_groups:
+        skip = ()
+        if exclude:
+            missing = [p for p in group["params"] if p not in names]
+            if missing:
+                raise ValueError("invalid exclude: parameter names are unknown; pass "
+                                 "named_parameters=model.named_parameters()")
+            skip = tuple(j for j, p in enumerate(group["params"])
+                         if any(fnmatchcase(names[p], pat) for pat in exclude))
+        groups.append({**group, "gamma": gamma, "gsnr_momentum": momentum, "gsnr_exclude": skip})
+    opt = cls(groups)
+    opt.defaults.update(gamma=gamma, gsnr_momentum=momentum, gsnr_exclude=())
+    for p, st in optimizer.state.items():
+        opt.state[p] = st
+    for group in opt.param_groups:
+        opt._init_gsnr_state(group)
+    opt._param_names = names
+    return opt
+
+
+__all__ = ["GSNR", "GSNRTransform", "transform_class", "param_name"]
