@@ -16,6 +16,11 @@ def stat_dtype(dtype):
     return tf.float64 if dtype == tf.float64 else tf.float32
 
 
+def variable_path(v) -> str:
+    """A Keras variable's path, or a raw ``tf.Variable``'s name (Keras optimizers accept both)."""
+    return v.path if hasattr(v, "path") else v.name
+
+
 class TFOps:
     """Branch-free TF versions of the operations formulas.py needs (graph and XLA safe)."""
 

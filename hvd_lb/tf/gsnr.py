@@ -1,0 +1,195 @@
+"""GSNR scaling as a Keras 3 optimizer wrapper: ĝ = p̂ ⊙ ḡ in front of any optimizer.
+
+docs/SPEC.md §2 and §7 (VRGD, Yu et al., §4: "GSNR can be easily applied on any
+optimizer"). The maths is ``hvd_lb.formulas.gsnr_ratio``/``gsnr_scale`` on TF tensors.
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Dict, List
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras.src.utils import tracking
+
+from .. import formulas as F
+from .. import grouping, rules
+from ._ops import B, stat_dtype, variable_path
+
+
+class _Scratch:
+    """Per-call tensors, kept outside Keras/TF attribute tracking."""
+
+    pending_sq = None
+    stats = None
+
+
+@keras.saving.register_keras_serializable(package="hvd_lb")
+class GSNR(keras.optimizers.Optimizer):
+    """Scale the gradient by its GSNR, then step ``optimizer`` (any Keras 3 optimizer).
+
+    Per tensor, from ḡ (the gradients given to ``apply``) and s = (1/k)Σx² (given
+    with ``set_grad_sq`` before ``apply``; ``DistributedOptimizer`` and
+    ``DistributedGradientTape`` do it), docs/SPEC.md §2:
+
+        r = clip(r_raw/mean(r_raw), γ, 1),  r_raw = ḡ²/(max(s − ḡ², ε_w·s) + δ)
+        p_t = β₃p_{t−1} + (1 − β₃)r,  ĝ = p_t/(1 − β₃^t) ⊙ ḡ
+
+    computed in float32 or wider, then ``optimizer.apply(ĝ)``. ``gamma`` = γ ∈ (0, 1],
+    ``momentum`` = β₃ ∈ [0, 1) (0: ĝ = r ⊙ ḡ). p_t is the optimizer variable slot
+    ``gsnr_avg``; t counts this wrapper's own steps (``iterations``). ``exclude``:
+    fnmatch patterns on variable paths whose ḡ passes through unscaled (default:
+    none, SPEC §7). Keras arguments (``clipnorm``, ``loss_scale_factor``, ``use_ema``,
+    ...) given here act on ḡ before scaling, r being computed from the unclipped
+    statistics; the learning rate and weight decay are the wrapped optimizer's.
+    For mixed precision put it inside: ``LossScaleOptimizer(GSNR(opt))``.
+    """
+
+    def __init__(self, optimizer, gamma=0.1, momentum=0.0, exclude=None, name=None, **kwargs):
+        if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
+                optimizer, (GSNR, keras.optimizers.LossScaleOptimizer)):
+            raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer, not a GSNR or "
+                             "LossScaleOptimizer (use LossScaleOptimizer(GSNR(opt)))")
+        for arg in ("learning_rate", "weight_decay"):
+            if arg in kwargs:
+                raise ValueError(f"GSNR takes no {arg}: set it on the wrapped optimizer")
+        if kwargs.get("gradient_accumulation_steps"):
+            raise ValueError(
+                f"invalid gradient_accumulation_steps={kwargs['gradient_accumulation_steps']!r} for GSNR: "
+                "Keras accumulation loses the per-sample squares GSNR needs; use "
+                "hvd_lb.tf.DistributedOptimizer(opt, micro_batches=N) instead")
+        if optimizer.loss_scale_factor is not None:
+            # model.fit scales the loss with the outer optimizer's factor; s must be unscaled too.
+            raise ValueError("set loss_scale_factor on GSNR, not on the wrapped optimizer")
+        gamma, momentum = rules.check_gsnr(gamma, momentum)
+        exclude = grouping.patterns("exclude", exclude)
+        super().__init__(learning_rate=0.0, name=name, **kwargs)
+        self.inner_optimizer = optimizer
+        self.gamma, self.momentum = gamma, momentum
+        self._exclude = exclude
+        self._io = _Scratch()
+
+    @tracking.no_automatic_dependency_tracking
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        self._scaled = [not any(fnmatchcase(variable_path(v), p) for p in self._exclude) for v in variables]
+        self.gsnr_avg = self.add_optimizer_variables(variables, rules.GSNR_SLOT)
+        # Rows: (mean GSNR μ_r, fraction clipped to γ) per variable, read by gsnr_diagnostics.
+        self._gsnr_diag = self.add_variable((len(variables), 2), dtype="float32", name="gsnr_diagnostics")
+        self.inner_optimizer.build(variables)
+
+    @property
+    def variables(self):
+        return self._variables + self.inner_optimizer.variables
+
+    # -- the wrapped optimizer's learning rate and weight decay ---------------------------
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.inner_optimizer.learning_rate = learning_rate
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def finalize_variable_values(self, var_list):
+        super().finalize_variable_values(var_list)
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def set_grad_sq(self, grad_sq):
+        """Hand s = (1/k)Σx² (SPEC §1) for the next ``apply``, one tensor per gradient."""
+        self._io.pending_sq = None if grad_sq is None else list(grad_sq)
+
+    def apply(self, grads, trainable_variables=None):
+        grads = list(grads)
+        if len(grads):
+            sq, self._io.pending_sq = self._io.pending_sq, None
+            if sq is None:
+                raise ValueError(
+                    f"optimizer '{self.name}' needs the mean of squared gradient samples (SPEC §1): "
+                    "wrap it in hvd_lb.tf.DistributedOptimizer, use "
+                    "hvd_lb.tf.DistributedGradientTape(tape, optimizer=opt), or call "
+                    "opt.set_grad_sq(squares) before apply")
+            if len(sq) != len(grads):
+                raise ValueError(f"invalid grad_sq: {len(sq)} tensors for {len(grads)} gradients")
+            tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
+            # Keyed by variable: Keras filters None gradients and clips ḡ before
+            # _backend_update_step; r is computed on the unclipped statistics.
+            self._io.stats = {self._var_key(v): (g, s) for g, s, v in zip(grads, sq, tvs) if g is not None}
+        try:
+            return super().apply(grads, trainable_variables)
+        finally:
+            self._io.stats = None
+
+    def _backend_update_step(self, grads, variables, learning_rate):
+        variables = list(variables)
+        scale = self.loss_scale_factor
+        out, rows, diag = [], [], []
+        for g, v in zip(grads, variables):
+            i = self._get_variable_index(v)
+            if not self._scaled[i]:
+                out.append(g)
+                continue
+            mean, sq = self._io.stats[self._var_key(v)]
+            sd = stat_dtype(tf.as_dtype(v.dtype))
+            mean, sq = tf.cast(mean, sd), tf.cast(sq, sd)
+            if scale is not None:
+                mean, sq = mean / scale, sq / (scale * scale)
+            r, mu, clipped = F.gsnr_ratio(B, mean, sq, self.gamma, F.variance_floor(sd == tf.float64))
+            avg = self.gsnr_avg[i]
+            g_hat, p = F.gsnr_scale(B, tf.cast(g, sd), r, tf.cast(avg.value, sd), self.momentum,
+                                    tf.cast(self.iterations + 1, sd))
+            self.assign(avg, tf.cast(p, avg.dtype))
+            out.append(tf.cast(g_hat, v.dtype))
+            rows.append(i)
+            diag.append(tf.stack([tf.cast(mu, tf.float32), tf.cast(clipped, tf.float32)]))
+        if rows:
+            self._gsnr_diag.value.scatter_nd_update(tf.constant(rows)[:, None], tf.stack(diag))
+        self.inner_optimizer.apply(out, variables)
+
+    # -- state and diagnostics -------------------------------------------------------------
+
+    def slots(self) -> Dict[str, List]:
+        """State slot name → optimizer variables in variable order: ``gsnr_avg`` and the wrapped
+        optimizer's slots where it has ``slots()`` (hvd_lb optimizers)."""
+        inner = getattr(self.inner_optimizer, "slots", None)
+        out = dict(inner()) if inner else {}
+        if self.built:
+            out[rules.GSNR_SLOT] = list(self.gsnr_avg)
+        return out
+
+    def gsnr_diagnostics(self) -> Dict[str, Dict[str, float]]:
+        """{variable path: {"mean_gsnr": μ_r, "clipped_fraction": share of r̃ < γ}} of the last step.
+
+        Read from optimizer variables written during the step: no extra all-reduce.
+        Empty before the first step; excluded variables are left out.
+        """
+        if not self.built or int(self.iterations.numpy()) == 0:
+            return {}
+        rows = np.asarray(self._gsnr_diag.numpy(), np.float64)
+        return {variable_path(v): {"mean_gsnr": float(r[0]), "clipped_fraction": float(r[1])}
+                for v, r, on in zip(self._trainable_variables, rows, self._scaled) if on}
+
+    def get_config(self):
+        config = super().get_config()
+        del config["learning_rate"], config["weight_decay"]  # the wrapped optimizer's
+        config.update(optimizer=keras.saving.serialize_keras_object(self.inner_optimizer),
+                      gamma=self.gamma, momentum=self.momentum, exclude=list(self._exclude))
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("optimizer"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+
+__all__ = ["GSNR"]
