@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 from hvd_lb.reference import gsnr_ratio  # noqa: E402
 from tests.hvdrun import ROOT, read_rank_json, run_horovod  # noqa: E402
-from tests.scripts.tf_common import TEST_HP, replay  # noqa: E402
+from tests.scripts.tf_common import TEST_HP, replay, replay_gsnr  # noqa: E402
 
 pytestmark = pytest.mark.multiprocess
 NP = 2
@@ -91,3 +91,34 @@ def test_fp16_compression_keeps_squares_float32(ranks):
         np.testing.assert_allclose(c["mean"], g.mean(0), rtol=1e-3)
         np.testing.assert_allclose(c["sq"], (g * g).mean(0), rtol=1e-6)
         assert res["compressed_calls"] == [1, 1]  # one group per dtype, one graph
+
+
+@pytest.mark.parametrize("key, kind, M", [("fit/gsnr-adamw/2", "adamw", 2), ("tape/gsnr-sgd/1", "sgd", 1)])
+def test_gsnr_over_keras_optimizers_equals_reference(ranks, key, kind, M):
+    """GSNR(keras AdamW/SGD) = the plain optimizer fed the reference's ĝ (SPEC §7)."""
+    keras = pytest.importorskip("keras")
+    old = keras.config.floatx()
+    keras.config.set_floatx("float64")  # as in the worker: Keras' lr variables are floatx
+    try:
+        want = replay_gsnr(kind, NP, M)
+    finally:
+        keras.config.set_floatx(old)
+    for r, res in enumerate(ranks):
+        for w, p in zip(res[key]["weights"], want):
+            np.testing.assert_allclose(w, p, rtol=1e-10, atol=1e-10 * np.abs(p).max(),
+                                       err_msg=f"{key} rank {r}")
+        assert res[key]["weights"] == ranks[0][key]["weights"]
+    assert ranks[0]["fit/gsnr-adamw/2"]["iterations"] == 6
+
+
+def test_bfloat16_squares_go_as_one_allgather(ranks):
+    """square_dtype="bfloat16" at 2 workers: ḡ all-reduced, s all-gathered as bf16 (SPEC §7)."""
+    tf = pytest.importorskip("tensorflow")
+    g = np.array([[[0.5 + r, -1.0], [0.25, 2.0 * r]] for r in range(NP)])
+    s = tf.constant([[[1.0 + r / 3, 0.1 * (r + 1)], [3.14159, 7.0]] for r in range(NP)], tf.float32)
+    want = tf.reduce_mean(tf.cast(tf.cast(s, tf.bfloat16), tf.float32), 0).numpy()
+    for res in ranks:
+        c = res["bf16"]
+        np.testing.assert_allclose(c["mean"], g.mean(0), rtol=1e-7)
+        np.testing.assert_array_equal(np.float32(c["sq"]), want)
+        assert c["sq_dtype"] == "float32" and c["calls"] == [1] and c["gathers"] == ["int16"]

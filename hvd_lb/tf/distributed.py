@@ -190,7 +190,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def __init__(self, optimizer, micro_batches=None, compression="none", square_dtype=None,
                  average_aggregated_gradients=False, backward_passes_per_step=None, process_set=None,
                  name=None, **kwargs):
-        if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(optimizer, DistributedOptimizer):
+        if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
+                optimizer, DistributedOptimizer):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer "
                              "(not already a DistributedOptimizer)")
         micro_batches = _micro_batches(micro_batches, backward_passes_per_step)

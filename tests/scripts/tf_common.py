@@ -98,3 +98,45 @@ def replay(name, hp, size, micro_batches, lr_fn=None):
         last = gradient_stats(samples) if len(samples) > 1 else None
         ref.step_samples(samples, lr=None if lr_fn is None else lr_fn(t))
     return ref, last
+
+
+# -- GSNR in front of a plain Keras optimizer (SPEC §7) -------------------------------------
+GSNR_HP = {"gamma": 0.3, "momentum": 0.5}
+
+
+def keras_optimizer(kind):
+    """The plain Keras optimizers the GSNR tests wrap (fresh each call, float64 under floatx)."""
+    import keras
+
+    if kind == "sgd":
+        return keras.optimizers.SGD(learning_rate=0.1, momentum=0.9, nesterov=True)
+    return keras.optimizers.AdamW(learning_rate=0.02, weight_decay=0.05)
+
+
+def replay_gsnr(kind, size, micro_batches, average=False):
+    """``keras_optimizer(kind)`` fed the reference's ĝ (SPEC §2) from the per-sample gradients
+    each worker sees (SPEC §1), from rank 0's weights: what GSNR(keras_optimizer(kind))
+    behind DistributedOptimizer must give, ĝ being independent of the weights.
+
+    ``average``: ``average_aggregated_gradients=True`` (samples x = g, not M·g).
+    """
+    import keras
+    import tensorflow as tf
+
+    from hvd_lb.reference import StepContext, gradient_stats, micro_batch_samples, scale_by_gsnr
+
+    M = micro_batches
+    variables = [keras.Variable(w, name=n) for w, n in zip(init_dense(0), ("kernel", "bias"))]
+    opt = keras_optimizer(kind)
+    transform = scale_by_gsnr(GSNR_HP["gamma"], GSNR_HP["momentum"])
+    state = transform.init(init_dense(0))
+    for t in range(APPLIES // M):
+        params = [v.numpy() for v in variables]
+        per_worker = [[dense_mse_grad(*params, *batch(r, t * M + m)) for m in range(M)] for r in range(size)]
+        samples = micro_batch_samples(per_worker)
+        if average:
+            samples = [[x / M for x in s] for s in samples]
+        mean, sq = gradient_stats(samples)
+        g_hat, state = transform.update(mean, state, params, StepContext(0.0, t + 1, [], [], sq))
+        opt.apply([tf.constant(g) for g in g_hat], variables)
+    return [v.numpy() for v in variables]

@@ -11,12 +11,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import horovod.tensorflow as hvd  # noqa: E402
 
 import hvd_lb.tf as H  # noqa: E402
-from tf_common import APPLIES, BATCH, EPOCHS, IN_DIM, OUT_DIM, TEST_HP, batch, init_dense, shard  # noqa: E402
+from tf_common import (APPLIES, BATCH, EPOCHS, GSNR_HP, IN_DIM, OUT_DIM, TEST_HP, batch,  # noqa: E402
+                       init_dense, keras_optimizer, shard)
 
 keras.config.set_floatx("float64")
 hvd.init()
@@ -34,6 +34,16 @@ def counting_grouped(tensors, *a, **kw):
 
 
 hvd.grouped_allreduce = counting_grouped
+gathers = []
+_allgather = hvd.allgather
+
+
+def counting_allgather(tensor, *a, **kw):
+    gathers.append(tensor.dtype.name)
+    return _allgather(tensor, *a, **kw)
+
+
+hvd.allgather = counting_allgather
 
 
 def make_model():
@@ -76,9 +86,9 @@ def mse(model, X, y):
     return tf.reduce_mean(tf.square(model(X) - y))
 
 
-def custom_tape(name, M):
+def custom_tape(name, M, opt=None):
     model = make_model()
-    opt = H.create(name, **TEST_HP[name])
+    opt = opt or H.create(name, **TEST_HP[name])
     H.broadcast_variables(model.variables, root_rank=0)
     tvs = model.trainable_variables
 
@@ -86,7 +96,8 @@ def custom_tape(name, M):
     def step(Xs, ys):
         with tf.GradientTape(persistent=M > 1) as tape:
             losses = [mse(model, X, y) for X, y in zip(Xs, ys)]
-        tape = H.DistributedGradientTape(tape, optimizer=opt, micro_batches=M)
+        tape = H.DistributedGradientTape(tape, optimizer=opt, micro_batches=M,
+                                         process_set=hvd.global_process_set)
         grads = tape.gradient(losses if M > 1 else losses[0], tvs)
         opt.apply(grads, tvs)
 
@@ -119,6 +130,16 @@ for name, M in [("vr-momentum", 1), ("vr-adam", 2), ("sngm", 1)]:
 for name, M in [("vr-tvlars", 2)]:
     out[f"apply/{name}/{M}"] = {"weights": custom_optimizer(name, M)}
 
+# -- GSNR in front of Keras' own optimizers (SPEC §7) -----------------------------------------
+model = make_model()
+opt = H.DistributedOptimizer(H.GSNR(keras_optimizer("adamw"), **GSNR_HP), micro_batches=2)
+model.compile(optimizer=opt, loss="mse")
+X, y = shard(rank)
+model.fit(X, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
+          callbacks=[H.BroadcastGlobalVariablesCallback(0)])
+out["fit/gsnr-adamw/2"] = {"weights": weights(model), "iterations": int(opt.iterations.numpy())}
+out["tape/gsnr-sgd/1"] = {"weights": custom_tape("gsnr-sgd", 1, H.GSNR(keras_optimizer("sgd"), **GSNR_HP))}
+
 # -- all-reduce count per step (eager, one apply) ------------------------------------------
 for name in ("momentum", "vr-momentum"):
     model = make_model()
@@ -135,6 +156,15 @@ mean, sq = H.reduce_statistics([g], [tf.square(g)], compression="fp16")
 out["compressed_calls"] = list(calls)
 out["compressed"] = {"mean": mean[0].numpy().tolist(), "sq": sq[0].numpy().tolist(),
                      "mean_dtype": mean[0].dtype.name, "sq_dtype": sq[0].dtype.name}
+
+# -- bfloat16 s: one all-gather of the 16-bit patterns beside the all-reduce of ḡ ------------
+g = tf.constant([[0.5 + rank, -1.0], [0.25, 2.0 * rank]], tf.float32)
+s = tf.constant([[1.0 + rank / 3, 0.1 * (rank + 1)], [3.14159, 7.0]], tf.float32)
+calls.clear()
+gathers.clear()
+mean, sq = H.reduce_statistics([g], [s], square_dtype="bfloat16", process_set=hvd.global_process_set)
+out["bf16"] = {"mean": mean[0].numpy().tolist(), "sq": sq[0].numpy().tolist(), "sq_dtype": sq[0].dtype.name,
+               "calls": list(calls), "gathers": list(gathers)}
 
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
     json.dump(out, f)
