@@ -17,16 +17,26 @@ if [ "${HOROVOD_GPU_OPERATIONS:-}" = NCCL ]; then
 else
   TF_SPEC="${HVD_LB_TF_SPEC:-tensorflow-cpu==$TF_VERSION}"
 fi
-PY_DEPS="numpy pytest pytest-timeout cffi psutil pyyaml cloudpickle packaging wheel setuptools matplotlib"
+PY_DEPS="numpy pytest pytest-timeout cffi psutil pyyaml cloudpickle packaging wheel setuptools matplotlib tqdm"
 VENV="${HVD_LB_VENV:-$ROOT/.venv}"
 CACHE="${HVD_LB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_lb}"
 APT_PACKAGES="openmpi-bin libopenmpi-dev"
 APT_DATA="dataset-fashion-mnist"  # demo data; not in every distribution (the demo says so if missing)
 
 log() { echo "[install] $*"; }
-# This machine's pip config lists local index folders that may be absent; pip
-# warns once per package about them. Keep real errors, drop that noise.
-pip_q() { "$PY" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+# Run a command silently; if it fails, print everything it wrote, then fail.
+quiet() {
+  local out rc=0
+  out="$(mktemp)"
+  "$@" >"$out" 2>&1 || rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "[install] failed (exit $rc): $*" >&2
+    cat "$out" >&2
+  fi
+  rm -f "$out"
+  return "$rc"
+}
+pip_q() { quiet "$PY" -m pip "$@"; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # --- 1. Debian packages --------------------------------------------------------
@@ -36,14 +46,14 @@ for p in $APT_PACKAGES; do
 done
 if [ -n "$missing" ]; then
   log "apt-get install$missing"
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
+  quiet as_root apt-get update -qq
+  quiet as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing
 else
   log "Debian packages present"
 fi
 if ! dpkg-query -W -f='${Status}' $APT_DATA 2>/dev/null | grep -q "install ok installed"; then
   log "apt-get install $APT_DATA"
-  { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT_DATA; } ||
+  { quiet as_root apt-get update -qq && quiet as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT_DATA; } ||
     log "warning: $APT_DATA not installable here; hvd-lb demo will need HVD_LB_FASHION_MNIST"
 fi
 

@@ -5,58 +5,17 @@ Bad input ends with one ``hvd-lb: error: …`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import shutil
 import subprocess
 import sys
 from typing import List, Optional
 
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit code 2."""
-
-
-def horovodrun_path() -> Optional[str]:
-    local = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-    return local if os.path.exists(local) else shutil.which("horovodrun")
+from . import demo
+from .horovodrun import UsageError, build_run_command, horovodrun_path
 
 
 # --- run ---------------------------------------------------------------------------
-
-def build_run_command(np_: int, hosts: Optional[str], controller: Optional[str], command: List[str],
-                      threads: Optional[int], fusion_mb: float, cycle_ms: float,
-                      extra: List[str]) -> tuple:
-    """The horovodrun command line and the environment it runs with."""
-    if np_ < 1:
-        raise UsageError(f"invalid -np {np_}: must be an integer in [1, inf)")
-    if not command:
-        raise UsageError("no training command: use hvd-lb run -np N -- python train.py ...")
-    exe = horovodrun_path()
-    if exe is None:
-        raise UsageError("horovodrun not found: run `make install` (scripts/install.sh) and use .venv/bin/hvd-lb")
-    hosts = hosts or f"localhost:{np_}"
-    local = sum(int(h.split(":")[1]) if ":" in h else 1 for h in hosts.split(",") if h.startswith("localhost"))
-    if threads is None:
-        # One worker per core share: oversubscribed BLAS/OpenMP threads are the
-        # commonest cause of slow CPU Horovod jobs.
-        threads = max(1, (os.cpu_count() or 1) // max(1, local or np_))
-    cmd = [exe, "-np", str(np_), "-H", hosts]
-    if controller:
-        cmd.append(f"--{controller}")
-    cmd += ["--fusion-threshold-mb", f"{fusion_mb:g}", "--cycle-time-ms", f"{cycle_ms:g}"]
-    cmd += extra + command
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads))
-    env.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
-    env.setdefault("TF_NUM_INTEROP_THREADS", "1")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        # Open MPI refuses root unless told; containers usually run as root.
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return cmd, env, threads
-
 
 def cmd_run(args) -> int:
     command = list(args.command)
@@ -99,7 +58,7 @@ def check_build_flags(exe: Optional[str]) -> dict:
 
 def doctor_report():
     """Rows of (ok, what, detail, fix). ``ok`` is True, False or None (optional/info)."""
-    from ..data import FASHION_MNIST_DIR, fashion_mnist_available
+    from .data import FASHION_MNIST_DIR, fashion_mnist_available
 
     rows = []
     py_ok = sys.version_info >= (3, 9)
@@ -159,8 +118,6 @@ def cmd_doctor(args) -> int:
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvd-lb", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    from . import demo
-
     demo.add_arguments(sub.add_parser("demo", help="large-batch Fashion-MNIST: base vs VR optimizers"))
     r = sub.add_parser("run", help="horovodrun with sensible defaults; prints the command")
     r.add_argument("-np", "--num-proc", dest="np", type=int, required=True)
@@ -185,7 +142,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_run(args)
         if args.cmd == "doctor":
             return cmd_doctor(args)
-        from . import demo
         return demo.main(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         print(f"hvd-lb: error: {e}", file=sys.stderr)

@@ -1,11 +1,25 @@
-"""``hvd-lb demo``: large-batch Fashion-MNIST under real ``horovodrun``.
+"""``hvd-lb demo``: large-batch Fashion-MNIST against a small-batch baseline, under real ``horovodrun``.
 
-Trains a small CNN with each optimizer over a small learning-rate grid around
-the square-root-rule rate scaled from a batch-256 baseline (Krizhevsky 2014;
-Hoffer et al. 2017), at a large batch with k = workers × micro_batches
-gradient samples, and reports what it measures: best test accuracy, the
-train–test gap, the range of grid rates that trained stably, and wall time.
-Nothing here is tuned toward an expected winner.
+One ``horovodrun`` job (2 Gloo workers by default) trains an MLP on the real
+Fashion-MNIST IDX files, run after run:
+
+* the **baseline**: batch 256, momentum at its usual rate (0.1 per 256,
+  Goyal et al. 2017), no warm-up: the accuracy a large batch should get back;
+* each large-batch **row** (batch 8192, k = workers × micro-batches = 8
+  gradient samples) at every rate of a small grid, for every seed. A row's
+  grid is centred on its rule's batch-256 rate scaled by the rule its paper
+  documents (``LR_RULES``); a VR rule's grid is its base rule's grid × 2,
+  because GSNR scaling shrinks the mean step (mean r ≈ 0.49 at k = 8,
+  docs/SPEC.md §2), so a grid that stopped at the base rule's top rate would
+  only compare a smaller step.
+
+Every row trains for the same number of epochs with the same schedule
+(linear warm-up, then cosine decay to 0); the rows marked ``:no-warmup`` and
+TVLARS (whose paper replaces warm-up) start at the full rate. The summary
+picks each row's best rate among the *stable* ones only and reports what it
+measured; nothing is tuned toward an expected winner. Rank 0 writes its
+progress to a file; this driver shows it as one progress bar and keeps the
+workers' output (Horovod, TensorFlow) in ``<out-dir>/horovodrun.log``.
 """
 from __future__ import annotations
 
@@ -14,207 +28,331 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
+import warnings
 from typing import Dict, List
 
 from .. import rules
 from ..schedules import scaled_lr
+from .data import FASHION_MNIST_DIR, fashion_mnist_available, fashion_mnist_size
+from .horovodrun import UsageError, build_run_command
 
-DEFAULT_OPTIMIZERS = "momentum,vr-momentum,lars,vr-lars,lamb,vr-lamb"
 BASE_BATCH = 256
-# Small-batch (256) learning rates per base rule: the usual starting points for
-# each family; the demo scales them with the sqrt rule and searches a grid.
-BASE_LR = {"sgd": 0.1, "momentum": 0.05, "adam": 1e-3, "lars": 1.0, "lamb": 2e-3,
-           "sngm": 0.02, "tvlars": 1.0}
+# The small-batch baseline: momentum at Goyal et al.'s 0.1 per 256 images.
+BASELINE_OPTIMIZER, BASELINE_LR = "momentum", 0.1
+# Per base rule: its batch-256 starting rate and the learning-rate scaling rule
+# its paper documents for larger batches.
+LR_RULES = {
+    "sgd": (0.1, "linear", "Goyal et al. 2017"),
+    "momentum": (0.1, "linear", "Goyal et al. 2017"),
+    "lars": (1.0, "linear", "You et al. 2017"),
+    "tvlars": (1.0, "linear", "Do et al. 2023 (LARS's rule)"),
+    "lamb": (2e-3, "sqrt", "You et al. 2020"),
+    "adam": (1e-3, "sqrt", "Hoffer et al. 2017"),
+    "sngm": (0.02, "sqrt", "Zhao et al. 2020, Corollary 1: lr = sqrt(B/C)"),
+}
+# GSNR scaling shrinks the mean step about 2x at k >= 8 (docs/SPEC.md §2 note).
+VR_LR_FACTOR = 2.0
+# Rules whose papers train without warm-up by design.
+NO_WARMUP_RULES = ("tvlars",)
+WARMUP_EPOCHS = 5.0  # Goyal et al. 2017 (capped at a quarter of the epochs)
+
+PRESETS = {
+    # ≤ 10 minutes on 2 cores: the rows the question needs, 2 seeds.
+    "default": {
+        "optimizers": "momentum:no-warmup,momentum,lars,lamb,tvlars,sngm,vr-momentum,vr-lars,vr-lamb",
+        "epochs": 16, "seeds": "0,1", "lr_grid": "0.25,0.5,1,2",
+    },
+    # A fuller study (hours on 2 cores): every base rule and VR variant, a wider grid,
+    # longer training, 3 seeds.
+    "full": {
+        "optimizers": ("momentum:no-warmup,momentum,adam,lars,lamb,tvlars,sngm,"
+                       "vr-momentum,vr-adam,vr-lars,vr-lamb,vr-tvlars,vr-sngm"),
+        "epochs": 40, "seeds": "0,1,2", "lr_grid": "0.0625,0.125,0.25,0.5,1,2,4",
+    },
+}
+ROW_SUFFIXES = ("no-warmup", "warmup")
 
 
 def add_arguments(p):
+    p.add_argument("--preset", choices=tuple(PRESETS), default="default",
+                   help="default: the 10-minute comparison; full: every rule, wider grid, 40 epochs, 3 seeds")
     p.add_argument("--framework", choices=("torch", "tf"), default="torch")
-    p.add_argument("--optimizers", default=DEFAULT_OPTIMIZERS,
-                   help=f"comma-separated names (default {DEFAULT_OPTIMIZERS}); any of: {', '.join(rules.NAMES)}")
-    p.add_argument("--batch-size", type=int, default=8192, help="global batch (default 8192)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr-grid", default="0.5,1,2",
-                   help="multipliers of the sqrt-rule learning rate (default 0.5,1,2)")
+    p.add_argument("--optimizers", default=None,
+                   help="comma-separated large-batch rows, NAME or NAME:no-warmup / NAME:warmup "
+                        f"(default: the preset's); NAME is any of: {', '.join(rules.NAMES)}")
+    p.add_argument("--batch-size", type=int, default=8192, help="large global batch (default 8192)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs for every row (default: the preset's)")
+    p.add_argument("--lr-grid", default=None,
+                   help="multipliers of each rule's scaled rate (default: the preset's; VR rules × 2)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, 0,1)")
+    p.add_argument("--warmup-epochs", type=float, default=None,
+                   help=f"linear warm-up length (default {WARMUP_EPOCHS:g}, at most a quarter of --epochs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--micro-batches", type=int, default=None, help="default: 8 / workers, so that k = 8")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--no-baseline", action="store_true", help="skip the batch-256 baseline")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--out-dir", default="out/demo")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
 
 
-def parse_config(args) -> Dict:
-    """Validate the demo options; every mistake is one clear ValueError."""
-    from ..data import FASHION_MNIST_DIR, fashion_mnist_available
+def _positive_int(arg: str, v: int) -> int:
+    if v < 1:
+        raise ValueError(f"invalid {arg} {v}: must be an integer in [1, inf)")
+    return v
 
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
-    if not names:
+
+def parse_rows(text: str) -> List[Dict]:
+    """``"momentum:no-warmup,lars"`` → row specs (key, optimizer, warm-up or not)."""
+    rows, seen = [], set()
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        name, _, suffix = item.partition(":")
+        if suffix and suffix not in ROW_SUFFIXES:
+            raise ValueError(f"invalid --optimizers entry {item!r}: the suffix must be one of "
+                             f"{', '.join(':' + s for s in ROW_SUFFIXES)}")
+        name = rules.get_rule(name.strip()).name
+        warmup = (suffix == "warmup") if suffix else rules.get_rule(name).base not in NO_WARMUP_RULES
+        key = name + (":" + suffix if suffix else "")
+        if key in seen:
+            raise ValueError(f"invalid --optimizers: {key!r} is listed twice")
+        seen.add(key)
+        rows.append({"row": key, "optimizer": name, "warmup": warmup})
+    if not rows:
         raise ValueError("invalid --optimizers='': name at least one optimizer")
-    names = [rules.get_rule(n).name for n in names]
-    for arg, v in (("--workers", args.workers), ("--epochs", args.epochs), ("--seeds", args.seeds),
-                   ("--batch-size", args.batch_size)):
-        if v < 1:
-            raise ValueError(f"invalid {arg} {v}: must be an integer in [1, inf)")
-    micro = args.micro_batches if args.micro_batches is not None else max(1, 8 // args.workers)
-    if micro < 1:
-        raise ValueError(f"invalid --micro-batches {micro}: must be an integer in [1, inf)")
-    k = args.workers * micro
-    if any(rules.get_rule(n).gsnr for n in names):
-        rules.check_samples(args.workers, micro)
-    if args.batch_size % k:
-        raise ValueError(f"invalid --batch-size {args.batch_size}: must be divisible by workers × "
-                         f"micro-batches = {args.workers} × {micro} = {k}")
-    try:
-        grid = sorted({float(x) for x in args.lr_grid.split(",") if x.strip()})
-    except ValueError:
-        raise ValueError(f"invalid --lr-grid {args.lr_grid!r}: must be comma-separated positive numbers") from None
-    if not grid or any(not (g > 0 and math.isfinite(g)) for g in grid):
-        raise ValueError(f"invalid --lr-grid {args.lr_grid!r}: must be comma-separated positive numbers")
-    if args.weight_decay < 0:
-        raise ValueError(f"invalid --weight-decay {args.weight_decay}: must be in [0, inf)")
-    if not fashion_mnist_available():
-        raise FileNotFoundError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: "
-                                "apt-get install dataset-fashion-mnist")
-    if args.train_subset is not None and args.train_subset < args.batch_size:
-        raise ValueError(f"invalid --train-subset {args.train_subset}: must be ≥ --batch-size {args.batch_size}")
-    runs = []
-    for name in names:
-        base = rules.get_rule(name).base
-        center = scaled_lr(BASE_LR[base], args.batch_size, BASE_BATCH, "sqrt")
-        for mult in grid:
-            for seed in range(args.seeds):
-                runs.append({"optimizer": name, "lr": center * mult, "lr_multiplier": mult, "seed": seed})
-    return {
-        "framework": args.framework, "optimizers": names, "batch_size": args.batch_size,
-        "epochs": args.epochs, "workers": args.workers, "micro_batches": micro, "k": k,
-        "seeds": args.seeds, "lr_grid": grid, "train_subset": args.train_subset,
-        "weight_decay": args.weight_decay, "base_batch": BASE_BATCH, "runs": runs,
-    }
-
-
-def summarize(config: Dict, raw: List[Dict]) -> List[Dict]:
-    """One row per optimizer: best grid rate by mean best test accuracy over seeds."""
-    rows = []
-    for name in config["optimizers"]:
-        runs = [r for r in raw if r["optimizer"] == name]
-        by_lr: Dict[float, List[Dict]] = {}
-        for r in runs:
-            by_lr.setdefault(r["lr"], []).append(r)
-        stable = sorted(lr for lr, rs in by_lr.items() if all(x["stable"] for x in rs))
-        scored = []
-        for lr, rs in by_lr.items():
-            accs = [max(x["test_acc"]) if x["test_acc"] else 0.0 for x in rs]
-            scored.append((sum(accs) / len(accs), lr, rs, accs))
-        # The best rate is chosen among the stable ones (all rates when none is stable).
-        candidates = [sc for sc in scored if sc[1] in stable] or scored
-        mean_acc, best_lr, best_runs, accs = max(candidates, key=lambda sc: (sc[0], -sc[1]))
-        std = (sum((a - mean_acc) ** 2 for a in accs) / len(accs)) ** 0.5
-        gaps = []
-        for x in best_runs:
-            if x["test_acc"]:
-                i = max(range(len(x["test_acc"])), key=lambda j: x["test_acc"][j])
-                gaps.append(x["train_acc"][i] - x["test_acc"][i])
-        rows.append({
-            "optimizer": name, "best_lr": best_lr, "best_test_acc": mean_acc, "best_test_acc_std": std,
-            "train_test_gap": sum(gaps) / len(gaps) if gaps else float("nan"),
-            "best_lr_stable": best_lr in stable, "stable_lrs": stable,
-            "largest_stable_lr": stable[-1] if stable else None,
-            "wall_time_s": sum(x["wall_time_s"] for x in runs), "runs": len(runs),
-        })
     return rows
 
 
-def format_table(config: Dict, rows: List[Dict]) -> str:
-    seeds = config["seeds"]
-    head = (f"Fashion-MNIST, small CNN, batch {config['batch_size']}, {config['workers']} workers × "
-            f"{config['micro_batches']} micro-batches (k = {config['k']}), {config['epochs']} epochs, "
-            f"{seeds} seed(s), {config['framework']}")
-    lines = [head, "",
-             f"{'optimizer':<13} {'best lr':>9} {'best test acc':>17} {'train-test gap':>15} "
-             f"{'stable grid rates':>26} {'wall s':>8}"]
-    for r in rows:
-        acc = f"{100 * r['best_test_acc']:.2f}%"
-        if seeds > 1:
-            acc += f" ± {100 * r['best_test_acc_std']:.2f}"
-        rng = ", ".join(f"{lr:.3g}" for lr in r["stable_lrs"]) or "none"
-        gap = "n/a" if r["train_test_gap"] != r["train_test_gap"] else f"{100 * r['train_test_gap']:+.2f} pp"
-        lines.append(f"{r['optimizer']:<13} {r['best_lr']:>9.3g} {acc:>17} {gap:>15} {rng:>26} "
-                     f"{r['wall_time_s']:>8.1f}")
-    return "\n".join(lines)
+def parse_floats(arg: str, text: str) -> List[float]:
+    try:
+        vals = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        vals = []
+    if not vals or any(not (v > 0 and math.isfinite(v)) for v in vals):
+        raise ValueError(f"invalid {arg} {text!r}: must be comma-separated positive numbers")
+    return vals
 
 
-def plot(config: Dict, raw: List[Dict], rows: List[Dict], path: str) -> None:
-    import matplotlib
+def parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"invalid --seeds {text!r}: must be distinct non-negative integers, e.g. 0,1")
+    return seeds
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+def center_lr(optimizer: str, batch: int) -> float:
+    """The rule's batch-256 rate scaled to ``batch`` by its documented rule (× 2 for VR rules).
+
+    The grid is ``--lr-grid`` × this rate, so a VR rule's grid is its base rule's × 2.
+    """
+    rule = rules.get_rule(optimizer)
+    base_lr, how, _ = LR_RULES[rule.base]
+    return scaled_lr(base_lr, batch, BASE_BATCH, how) * (VR_LR_FACTOR if rule.gsnr else 1.0)
+
+
+def parse_config(args) -> Dict:
+    """Validate the demo options; every mistake is one clear ValueError."""
+    preset = PRESETS[args.preset]
+    pick = lambda v, key: preset[key] if v is None else v  # noqa: E731
+    rows = parse_rows(pick(args.optimizers, "optimizers"))
+    epochs = _positive_int("--epochs", pick(args.epochs, "epochs"))
+    workers = _positive_int("--workers", args.workers)
+    batch = _positive_int("--batch-size", args.batch_size)
+    seeds = parse_seeds(str(pick(args.seeds, "seeds")))
+    grid = parse_floats("--lr-grid", pick(args.lr_grid, "lr_grid"))
+    micro = args.micro_batches if args.micro_batches is not None else max(1, 8 // workers)
+    _positive_int("--micro-batches", micro)
+    k = workers * micro
+    if batch % k:
+        raise ValueError(f"invalid --batch-size {batch}: must be divisible by workers × "
+                         f"micro-batches = {workers} × {micro} = {k}")
+    notes = []
+    if any(rules.get_rule(r["optimizer"]).gsnr for r in rows):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            rules.check_samples(workers, micro)
+        notes = [str(w.message) for w in caught]  # printed once the options are all valid
+    baseline = not args.no_baseline
+    if baseline and BASE_BATCH % workers:
+        raise ValueError(f"invalid --workers {workers}: the batch-{BASE_BATCH} baseline must split evenly "
+                         "over the workers (or pass --no-baseline)")
+    warmup = min(WARMUP_EPOCHS, epochs / 4) if args.warmup_epochs is None else args.warmup_epochs
+    if not (0 <= warmup < epochs):
+        raise ValueError(f"invalid --warmup-epochs {warmup:g}: must be in [0, --epochs={epochs})")
+    if args.weight_decay < 0:
+        raise ValueError(f"invalid --weight-decay {args.weight_decay}: must be in [0, inf)")
+    if args.train_subset is not None and args.train_subset < batch:
+        raise ValueError(f"invalid --train-subset {args.train_subset}: must be ≥ --batch-size {batch}")
+    if not fashion_mnist_available():
+        raise FileNotFoundError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: "
+                                "apt-get install dataset-fashion-mnist (or set HVD_LB_FASHION_MNIST)")
+    runs = []
+    if baseline:
+        for seed in seeds:
+            runs.append({"row": "baseline", "optimizer": BASELINE_OPTIMIZER, "lr": BASELINE_LR,
+                         "lr_multiplier": 1.0, "seed": seed, "batch_size": BASE_BATCH, "micro_batches": 1,
+                         "warmup_epochs": 0.0})
     for row in rows:
-        runs = [r for r in raw if r["optimizer"] == row["optimizer"] and r["lr"] == row["best_lr"]]
-        curves = [r["test_acc"] for r in runs if r["test_acc"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)
-        mean = np.mean([c[:n] for c in curves], axis=0)
-        style = "-" if row["optimizer"].startswith("vr-") else "--"
-        ax1.plot(range(1, n + 1), 100 * mean, style, marker="o",
-                 label=f"{row['optimizer']} (lr {row['best_lr']:.3g})")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("test accuracy (%)")
-    ax1.set_title(f"best grid rate per optimizer, batch {config['batch_size']}")
-    ax1.legend(fontsize=8)
-    ax1.grid(alpha=0.3)
-    gsnr = [v for r in raw for v in r.get("gsnr_log10", [])]
-    if gsnr:
-        ax2.hist(gsnr, bins=40, color="tab:blue", alpha=0.8)
-        ax2.set_xlabel("log10 mean GSNR per tensor and step (VR runs)")
-        ax2.set_ylabel("count")
-    else:
-        ax2.text(0.5, 0.5, "no VR optimizer run", ha="center", va="center")
-    ax2.set_title("GSNR of the gradients (SPEC §2)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        row["center_lr"] = center_lr(row["optimizer"], batch)
+        row["rule_lr"] = center_lr(rules.get_rule(row["optimizer"]).base, batch)  # without the VR factor
+        row["lr_rule"] = LR_RULES[rules.get_rule(row["optimizer"]).base][1]
+        row["warmup_epochs"] = warmup if row["warmup"] else 0.0
+        for m in grid:
+            for seed in seeds:
+                runs.append({"row": row["row"], "optimizer": row["optimizer"], "lr": row["center_lr"] * m,
+                             "lr_multiplier": m, "seed": seed, "batch_size": batch, "micro_batches": micro,
+                             "warmup_epochs": row["warmup_epochs"]})
+    return {
+        "preset": args.preset, "framework": args.framework, "rows": rows, "baseline": baseline,
+        "base_batch": BASE_BATCH, "baseline_optimizer": BASELINE_OPTIMIZER, "baseline_lr": BASELINE_LR,
+        "batch_size": batch, "epochs": epochs, "workers": workers, "micro_batches": micro, "k": k,
+        "seeds": seeds, "lr_grid": grid, "vr_lr_factor": VR_LR_FACTOR, "warmup_epochs": warmup,
+        "train_subset": args.train_subset, "weight_decay": args.weight_decay,
+        "model": "MLP 784-128-64-10 (ReLU)", "n_train": args.train_subset or fashion_mnist_size("train"),
+        "notes": notes, "runs": runs,
+    }
+
+
+# --- running the job ------------------------------------------------------------------
+
+class _Progress:
+    """One bar for the whole job, fed by the JSON lines rank 0 appends to a file."""
+
+    def __init__(self, config: Dict, stream=None):
+        self.config, self.epochs = config, config["epochs"]
+        # The bar counts work, not epochs: an epoch costs its images plus a per-step
+        # overhead (a batch-256 epoch has 234 steps, a batch-8192 one 7), so the ETA holds.
+        self.cost = [self.epoch_cost(config, r) for r in config["runs"]]
+        self.done = 0
+        self.stream = stream or sys.stderr
+        try:
+            from tqdm import tqdm
+        except ImportError:  # plain lines, one per finished run
+            self.bar = None
+        else:
+            self.bar = tqdm(total=sum(c * self.epochs for c in self.cost), file=self.stream,
+                            dynamic_ncols=True, mininterval=0.5, smoothing=0.1,
+                            bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
+            self.bar.set_description(f"run 1/{len(config['runs'])} starting horovodrun")
+
+    @staticmethod
+    def epoch_cost(config: Dict, run: Dict) -> int:
+        steps = max(1, config["n_train"] // run["batch_size"])
+        return 20 + steps // 3
+
+    def event(self, ev: Dict) -> None:
+        runs = self.config["runs"]
+        run = runs[ev["run"]]
+        what = f"run {ev['run'] + 1}/{len(runs)} {run['row']} lr={run['lr']:.3g} seed={run['seed']}"
+        if ev["ev"] == "epoch":
+            self._advance(self.cost[ev["run"]])
+            if self.bar is not None:
+                self.bar.set_description(f"{what} epoch {ev['epoch'] + 1}/{self.epochs}", refresh=False)
+                self.bar.set_postfix_str(f"test {100 * ev['test_acc']:.1f}%", refresh=False)
+        elif ev["ev"] == "end":
+            self._advance(self.cost[ev["run"]] * (self.epochs - ev["epochs"]))
+            if self.bar is None:
+                print(f"[{ev['run'] + 1}/{len(runs)}] {what}: best test {100 * ev['best_test_acc']:.2f}% "
+                      f"{'' if ev['stable'] else '(unstable)'}", file=self.stream, flush=True)
+
+    def _advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None and n:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_job(config: Dict, out_dir: str, controller: str) -> List[Dict]:
+    """Run every configured run in one horovodrun job; return rank 0's raw records."""
+    worker = {"torch": "hvd_lb.launch.demo_torch", "tf": "hvd_lb.launch.demo_tf"}[config["framework"]]
+    job = os.path.join(out_dir, "job")
+    os.makedirs(job, exist_ok=True)
+    cfg_path, raw_path = os.path.join(job, "config.json"), os.path.join(job, "raw.json")
+    progress_path, log_path = os.path.join(job, "progress.jsonl"), os.path.join(out_dir, "horovodrun.log")
+    for p in (raw_path, progress_path):
+        if os.path.exists(p):
+            os.remove(p)
+    with open(cfg_path, "w") as f:
+        json.dump({**config, "raw_path": raw_path, "progress_path": progress_path}, f)
+    cmd, env, _ = build_run_command(config["workers"], None, controller,
+                                    [sys.executable, "-m", worker, cfg_path], None, 64.0, 1.0, [])
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    # The workers' output goes to the log; keep TensorFlow's C++ and absl logs out of it too.
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    env.setdefault("ABSL_MIN_LOG_LEVEL", "3")
+    progress = _Progress(config)
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        offset, buf = 0, ""
+        try:
+            while True:
+                rc = proc.poll()
+                if os.path.exists(progress_path):
+                    with open(progress_path) as f:
+                        f.seek(offset)
+                        chunk = f.read()
+                        offset = f.tell()
+                    buf += chunk
+                    *lines, buf = buf.split("\n")
+                    for line in lines:
+                        if line.strip():
+                            progress.event(json.loads(line))
+                if rc is not None:
+                    break
+                time.sleep(0.25)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+        finally:
+            progress.close()
+    if rc != 0 or not os.path.exists(raw_path):
+        with open(log_path, errors="replace") as f:
+            tail = f.read().splitlines()[-60:]
+        print("\n".join(tail), file=sys.stderr)
+        raise UsageError(f"horovodrun exited with code {rc}; the last lines of {log_path} are above")
+    with open(raw_path) as f:
+        return json.load(f)
 
 
 def main(args) -> int:
-    from .cli import UsageError, build_run_command
+    from . import demo_report as report
 
+    t0 = time.time()
     config = parse_config(args)
     out_dir = os.path.abspath(args.out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    worker = {"torch": "hvd_lb.launch.demo_torch", "tf": "hvd_lb.launch.demo_tf"}[config["framework"]]
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg_path = os.path.join(tmp, "config.json")
-        raw_path = os.path.join(tmp, "raw.json")
-        with open(cfg_path, "w") as f:
-            json.dump({**config, "raw_path": raw_path}, f)
-        cmd, env, _ = build_run_command(config["workers"], None, args.controller,
-                                        [sys.executable, "-m", worker, cfg_path], None, 64.0, 1.0, [])
-        env["PYTHONPATH"] = os.pathsep.join(
-            [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-             env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-        env["PYTHONUNBUFFERED"] = "1"
-        print(f"hvd-lb demo: {len(config['runs'])} runs; running: {' '.join(cmd)}", flush=True)
-        t0 = time.time()
-        rc = subprocess.call(cmd, env=env)
-        if rc != 0 or not os.path.exists(raw_path):
-            raise UsageError(f"horovodrun exited with code {rc}; see the worker output above")
-        with open(raw_path) as f:
-            raw = json.load(f)
-    rows = summarize(config, raw)
-    table = format_table(config, rows)
+    n_rows = len(config["rows"])
+    print(f"hvd-lb demo: {len(config['runs'])} runs ({'baseline + ' if config['baseline'] else ''}{n_rows} "
+          f"large-batch rows × {len(config['lr_grid'])} rates × {len(config['seeds'])} seeds, "
+          f"{config['epochs']} epochs each) in one horovodrun -np {config['workers']} job; "
+          f"worker log: {os.path.join(out_dir, 'horovodrun.log')}", flush=True)
+    for note in config["notes"]:
+        print(f"note: {note}", flush=True)
+    raw = run_job(config, out_dir, args.controller)
+    summary = report.summarize(config, raw)
+    wall = time.time() - t0
+    table = report.format_table(config, summary, wall)
     print()
     print(table)
-    result = {"config": {k: v for k, v in config.items() if k != "runs"}, "summary": rows, "runs": raw,
-              "total_wall_time_s": time.time() - t0}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    result = {"config": {k: v for k, v in config.items() if k != "runs"}, "summary": summary, "runs": raw,
+              "total_wall_time_s": wall}
+    json_path, png_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.png")
+    with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    plot(config, raw, rows, os.path.join(out_dir, "results.png"))
-    print(f"\nwrote {os.path.join(out_dir, 'results.json')} and {os.path.join(out_dir, 'results.png')}")
+    report.plot(config, raw, summary, png_path)
+    print(f"\nwrote {json_path} and {png_path}")
     return 0

@@ -1,47 +1,102 @@
-"""Framework-free bookkeeping shared by the demo workers (torch and TF)."""
+"""Framework-free bookkeeping shared by the demo workers (torch and TF).
+
+Stability criterion (the same in both workers): a run is *unstable* when its
+epoch-mean training loss is not finite, rises above 1.5 × the lowest epoch
+loss it had reached (a blow-up or a collapse after progress), or ends no better
+than chance (≥ ln 10 for 10 classes). An unstable run stops at the end of the
+epoch that shows it (every rank sees the same all-reduced loss, so all stop
+together).
+"""
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 
+from ..schedules import warmup_decay
 
-def new_record(run: dict) -> dict:
-    return {**run, "train_acc": [], "test_acc": [], "train_loss": [], "stable": True, "gsnr_log10": [],
-            "_t0": time.time()}
+CHANCE_LOSS = math.log(10)
+
+# The demo model, in both frameworks: a 784-128-64-10 MLP with ReLU.
+HIDDEN = (128, 64)
 
 
-def end_epoch(rec: dict, cfg: dict, run_index: int, epoch: int, train_loss: float, counts, rank: int) -> bool:
+def standardize(x_train, x_test):
+    """Flatten to 784 features and standardize by the training set's mean and std (scalars)."""
+    x_train = x_train.reshape(len(x_train), -1)
+    x_test = x_test.reshape(len(x_test), -1)
+    mean, std = float(x_train.mean()), float(x_train.std())
+    return (x_train - mean) / std, (x_test - mean) / std
+
+
+def run_plan(run: dict, cfg: dict, n_train: int, size: int) -> dict:
+    """Batch arithmetic of one run: per-rank share, micro-batch size, steps, warm-up steps."""
+    batch, micro = run["batch_size"], run["micro_batches"]
+    steps_per_epoch = n_train // batch
+    total = steps_per_epoch * cfg["epochs"]
+    return {"local": batch // size, "micro": micro, "micro_size": batch // size // micro,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "warmup_steps": min(total - 1, int(round(run["warmup_epochs"] * steps_per_epoch)))}
+
+
+class Progress:
+    """Rank 0 appends one JSON line per epoch and per finished run; the driver draws the bar."""
+
+    def __init__(self, cfg: dict, rank: int):
+        self.f = open(cfg["progress_path"], "a") if rank == 0 and cfg.get("progress_path") else None
+
+    def write(self, **ev) -> None:
+        if self.f is not None:
+            self.f.write(json.dumps(ev) + "\n")
+            self.f.flush()
+
+
+def new_record(run: dict, plan: dict) -> dict:
+    return {**run, "steps_per_epoch": plan["steps_per_epoch"], "warmup_steps": plan["warmup_steps"],
+            "total_steps": plan["total_steps"], "train_acc": [], "test_acc": [],
+            "train_loss": [], "lr_end_of_epoch": [], "stable": True, "gsnr_log10": [], "clipped": [],
+            "_gsnr_epoch": [], "_clip_epoch": [], "_t0": time.time()}
+
+
+def end_epoch(rec: dict, run_index: int, epoch: int, train_loss: float, counts, progress: Progress) -> bool:
     """Record one epoch; ``counts`` = summed (test right, test n, train right, train n).
 
-    Prints progress on rank 0 only. Returns False when the run became unstable:
-    the loss is not finite, or rose by half over the first epoch's.
+    Returns False when the run became unstable (see the module docstring).
     """
     test_right, test_n, train_right, train_n = (float(c) for c in counts)
     rec["train_loss"].append(train_loss)
     rec["train_acc"].append(train_right / train_n)
     rec["test_acc"].append(test_right / test_n)
-    if rank == 0:
-        print(f"[{run_index + 1:3d}/{len(cfg['runs'])}] {rec['optimizer']:<12} lr={rec['lr']:<9.4g} "
-              f"seed={rec['seed']} epoch {epoch + 1}/{cfg['epochs']}  loss {train_loss:8.4f}  "
-              f"test acc {100 * rec['test_acc'][-1]:6.2f}%", file=sys.stderr, flush=True)
-    if not math.isfinite(train_loss) or train_loss > 1.5 * rec["train_loss"][0]:
+    last_step = (epoch + 1) * rec["steps_per_epoch"] - 1
+    rec["lr_end_of_epoch"].append(warmup_decay(last_step, rec["lr"], rec["warmup_steps"], rec["total_steps"]))
+    rec["gsnr_log10"].append(rec["_gsnr_epoch"])
+    rec["clipped"].append(sum(rec["_clip_epoch"]) / len(rec["_clip_epoch"]) if rec["_clip_epoch"] else None)
+    rec["_gsnr_epoch"], rec["_clip_epoch"] = [], []
+    progress.write(ev="epoch", run=run_index, epoch=epoch, test_acc=rec["test_acc"][-1], loss=train_loss)
+    if not math.isfinite(train_loss) or train_loss > 1.5 * min(rec["train_loss"]):
         rec["stable"] = False
     return rec["stable"]
 
 
-def end_run(rec: dict) -> dict:
-    # A run that never got below chance level (ln 10) did not train either.
-    rec["stable"] = rec["stable"] and rec["train_loss"][-1] < math.log(10)
+def end_run(rec: dict, run_index: int, progress: Progress) -> dict:
+    loss = rec["train_loss"][-1]
+    rec["stable"] = rec["stable"] and math.isfinite(loss) and loss < CHANCE_LOSS
     rec["wall_time_s"] = time.time() - rec.pop("_t0")
+    for k in ("_gsnr_epoch", "_clip_epoch"):
+        rec.pop(k)
+    # JSON has no NaN/inf: write them as None.
+    rec["train_loss"] = [x if math.isfinite(x) else None for x in rec["train_loss"]]
+    progress.write(ev="end", run=run_index, epochs=len(rec["test_acc"]), stable=rec["stable"],
+                   best_test_acc=max(rec["test_acc"]))
     return rec
 
 
 def add_gsnr(rec: dict, diagnostics: dict) -> None:
-    for d in diagnostics.values():
-        if d["mean_gsnr"] > 0:
-            rec["gsnr_log10"].append(math.log10(d["mean_gsnr"]))
+    """One step's per-tensor mean GSNR (log10) and the mean fraction of elements clipped at γ."""
+    vals = list(diagnostics.values())
+    rec["_gsnr_epoch"].extend(round(math.log10(d["mean_gsnr"]), 4) for d in vals if d["mean_gsnr"] > 0)
+    if vals:
+        rec["_clip_epoch"].append(sum(d["clipped_fraction"] for d in vals) / len(vals))
 
 
 def write_results(cfg: dict, results: list, rank: int) -> None:

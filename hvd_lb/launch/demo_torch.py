@@ -1,7 +1,12 @@
-"""Demo worker (PyTorch): runs every (optimizer, lr, seed) of the config under Horovod.
+"""Demo worker (PyTorch): runs every run of the config, one after the other, under Horovod.
 
-Started by ``hvd-lb demo`` through horovodrun; rank 0 prints progress and
-writes the raw per-run results for the driver.
+Started by ``hvd-lb demo`` through horovodrun. Each step's global batch is
+split over the ranks, each rank's share into M micro-batches whose losses are
+divided by M (Horovod sums micro-batch gradients, as ``backward_passes_per_step``),
+so k = ranks × M gradient samples reach the optimizer. Test accuracy on the
+10k test set and train accuracy on a fixed 10k training subset are scored
+after every epoch, each rank its shard, one all-reduce summing the counts.
+Rank 0 reports progress to the driver and writes the raw records.
 """
 from __future__ import annotations
 
@@ -13,14 +18,11 @@ from . import demo_common as common
 
 def make_model(torch):
     nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(512, 10),
-    )
+    h1, h2 = common.HIDDEN
+    return nn.Sequential(nn.Linear(784, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 10))
 
 
-def count_correct(model, x, y, chunk=2500) -> int:
+def count_correct(model, x, y, chunk=5000) -> int:
     return sum((model(x[a:a + chunk]).argmax(1) == y[a:a + chunk]).sum().item() for a in range(0, len(x), chunk))
 
 
@@ -31,53 +33,46 @@ def main(cfg_path: str) -> None:
 
     import hvd_lb.torch as lb
     from hvd_lb import rules
-    from hvd_lb.data import load_fashion_mnist
+    from hvd_lb.launch.data import load_fashion_mnist
 
     with open(cfg_path) as f:
         cfg = json.load(f)
     hvd.init()
     torch.set_num_threads(1)
     rank, size = hvd.rank(), hvd.size()
+    progress = common.Progress(cfg, rank)
     x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
     if cfg["train_subset"]:
         x_train, y_train = x_train[:cfg["train_subset"]], y_train[:cfg["train_subset"]]
-    x_train = torch.from_numpy(x_train).unsqueeze(1)
-    y_train = torch.from_numpy(y_train)
-    # Each rank scores its share of the test set (and of a fixed 10k training
-    # subset, for the train-test gap); one all-reduce sums the counts.
-    x_test = torch.from_numpy(x_test[rank::size]).unsqueeze(1)
-    y_test = torch.from_numpy(y_test[rank::size])
+    x_train, x_test = common.standardize(x_train, x_test)
+    x_train, y_train = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    x_test, y_test = torch.from_numpy(x_test[rank::size]), torch.from_numpy(y_test[rank::size])
     x_eval, y_eval = x_train[:10000][rank::size], y_train[:10000][rank::size]
-    batch, micro = cfg["batch_size"], cfg["micro_batches"]
-    local = batch // size
-    micro_size = local // micro
-    steps_per_epoch = len(x_train) // batch
-    total_steps = steps_per_epoch * cfg["epochs"]
     results = []
     for i, run in enumerate(cfg["runs"]):
+        plan = common.run_plan(run, cfg, len(x_train), size)
+        local, micro, micro_size = plan["local"], plan["micro"], plan["micro_size"]
+        batch = run["batch_size"]
         torch.manual_seed(run["seed"])
         model = make_model(torch)
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         opt = lb.create(run["optimizer"], model, lr=run["lr"], weight_decay=cfg["weight_decay"])
         opt = lb.DistributedOptimizer(opt, named_parameters=model.named_parameters(), micro_batches=micro)
-        # TVLARS replaces warm-up (its paper); every other rule warms up for one epoch.
-        warmup = 0 if run["optimizer"].endswith("tvlars") else min(steps_per_epoch, total_steps)
-        sched = lb.WarmupDecayLR(opt, warmup_steps=warmup, total_steps=total_steps, decay="cosine")
+        sched = lb.WarmupDecayLR(opt, warmup_steps=plan["warmup_steps"], total_steps=plan["total_steps"],
+                                 decay="cosine")
         is_vr = rules.get_rule(run["optimizer"]).gsnr
         gen = torch.Generator().manual_seed(1000 + run["seed"])
-        rec = common.new_record(run)
+        rec = common.new_record(run, plan)
         for epoch in range(cfg["epochs"]):
             perm = torch.randperm(len(x_train), generator=gen)
             loss_sum = 0.0
             model.train()
-            for step in range(steps_per_epoch):
+            for step in range(plan["steps_per_epoch"]):
                 idx = perm[step * batch + rank * local: step * batch + (rank + 1) * local]
                 for m in range(micro):
                     j = idx[m * micro_size:(m + 1) * micro_size]
-                    out = model(x_train[j])
-                    loss = F.cross_entropy(out, y_train[j])
-                    # Divide by M: Horovod sums micro-batch gradients (backward_passes_per_step).
+                    loss = F.cross_entropy(model(x_train[j]), y_train[j])
                     (loss / micro).backward()
                     loss_sum += loss.item() / micro
                 opt.step()
@@ -85,16 +80,16 @@ def main(cfg_path: str) -> None:
                 sched.step()
                 if is_vr:
                     common.add_gsnr(rec, opt.gsnr_diagnostics())
-            train_loss = hvd.allreduce(torch.tensor(loss_sum / steps_per_epoch, dtype=torch.float64),
+            train_loss = hvd.allreduce(torch.tensor(loss_sum / plan["steps_per_epoch"], dtype=torch.float64),
                                        op=hvd.Average, name="train_loss").item()
             model.eval()
             with torch.no_grad():
                 counts = [count_correct(model, x_test, y_test), len(x_test),
                           count_correct(model, x_eval, y_eval), len(x_eval)]
             tot = hvd.allreduce(torch.tensor(counts, dtype=torch.float64), op=hvd.Sum, name="eval")
-            if not common.end_epoch(rec, cfg, i, epoch, train_loss, tot.tolist(), rank):
+            if not common.end_epoch(rec, i, epoch, train_loss, tot.tolist(), progress):
                 break
-        results.append(common.end_run(rec))
+        results.append(common.end_run(rec, i, progress))
     common.write_results(cfg, results, rank)
 
 

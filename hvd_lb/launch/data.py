@@ -5,8 +5,6 @@ import gzip
 import os
 import struct
 
-
-
 FASHION_MNIST_DIR = os.environ.get("HVD_LB_FASHION_MNIST", "/usr/share/datasets/fashion-mnist")
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -49,6 +47,17 @@ def fashion_mnist_available(directory: str = None) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def fashion_mnist_size(split: str = "train", directory: str = None) -> int:
+    """Number of images in ``split``, from the label file's header (nothing loaded)."""
+    if split not in _FILES:
+        raise ValueError(f"invalid split={split!r}: must be 'train' or 'test'")
+    path = _find(directory or FASHION_MNIST_DIR, _FILES[split][1])
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(8)
+    return struct.unpack(">I", head[4:8])[0]
 
 
 def load_fashion_mnist(split: str = "train", directory: str = None):
