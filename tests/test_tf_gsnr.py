@@ -221,3 +221,36 @@ def test_fit_with_distributed_optimizer_equals_reference(floatx, average):
         np.testing.assert_allclose(w, p, rtol=1e-10, atol=1e-10 * np.abs(p).max())
     assert int(opt.iterations.numpy()) == 6 and set(opt.gsnr_diagnostics()) == {"net/dense/kernel",
                                                                                    "net/dense/bias"}
+
+
+def test_distributed_options_have_one_meaning():
+    pytest.importorskip("horovod.tensorflow")
+    opt = H.DistributedOptimizer(keras.optimizers.SGD(), backward_passes_per_step=3)
+    assert opt.micro_batches == 3 and opt.get_config()["micro_batches"] == 3
+    for value, name in [(None, None), ("float32", "float32"), ("float64", "float64"),
+                        (tf.bfloat16, "bfloat16"), ("bfloat16", "bfloat16")]:
+        assert H.DistributedOptimizer(keras.optimizers.SGD(), square_dtype=value).square_dtype == name
+
+
+def test_tape_unscales_squares_under_loss_scale_optimizer(floatx):
+    """LossScaleOptimizer(GSNR(opt)) with DistributedGradientTape: s of the unscaled loss."""
+    pytest.importorskip("horovod.tensorflow")
+    X, y = shard(0)
+    results = []
+    for scaled in (False, True):
+        model = make_model()
+        opt = H.GSNR(keras_optimizer("sgd"), **GSNR_HP)
+        if scaled:
+            opt = keras.optimizers.LossScaleOptimizer(opt)
+            opt.build(model.trainable_variables)
+        for i in range(3):
+            xb, yb = X[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+            with tf.GradientTape(persistent=True) as tape:
+                losses = [opt.scale_loss(tf.reduce_mean(tf.square(model(xb[j:j + 2]) - yb[j:j + 2])))
+                          if scaled else tf.reduce_mean(tf.square(model(xb[j:j + 2]) - yb[j:j + 2]))
+                          for j in (0, 2)]
+            tape = H.DistributedGradientTape(tape, optimizer=opt, micro_batches=2)
+            opt.apply(tape.gradient(losses, model.trainable_variables), model.trainable_variables)
+        results.append(model.get_weights())
+    for a, b in zip(*results):  # power-of-2 scale: exact
+        np.testing.assert_array_equal(a, b)
