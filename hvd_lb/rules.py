@@ -287,6 +287,17 @@ def check_gsnr(gamma, momentum) -> Tuple[float, float]:
     return GAMMA.check(gamma), GSNR_MOMENTUM(0.0).check(momentum)
 
 
+# Horovod's reduction ops (the same integers in horovod.torch and horovod.tensorflow).
+HOROVOD_OPS = {0: "hvd.Average", 1: "hvd.Sum", 2: "hvd.Adasum", 3: "hvd.Min", 4: "hvd.Max", 5: "hvd.Product"}
+
+
+def check_gsnr_op(op, what: str) -> None:
+    """ḡ and s are means over samples (SPEC §1): the GSNR transform needs ``op=hvd.Average``."""
+    if op != 0:
+        raise ValueError(f"invalid op={HOROVOD_OPS.get(op, repr(op))} for {what} with the GSNR transform: "
+                         "ḡ and s are means over gradient samples, so op must be hvd.Average (the default)")
+
+
 SQUARE_DTYPES = (None, "float32", "float64", "bfloat16")
 
 
@@ -356,6 +367,6 @@ def check_samples(workers: int, micro_batches: int) -> int:
 
 __all__ = [
     "Hyper", "Rule", "RULES", "NAMES", "BASE_NAMES", "GSNR_HYPERS", "GSNR_SLOT", "register", "get_rule",
-    "validate", "check_gsnr", "check_square_dtype", "square_wire_dtype", "SQUARE_DTYPES",
+    "validate", "check_gsnr", "check_gsnr_op", "HOROVOD_OPS", "check_square_dtype", "square_wire_dtype", "SQUARE_DTYPES",
     "to_keras", "from_keras", "check_samples", "check_micro_batches", "KERAS_NAMES",
 ]

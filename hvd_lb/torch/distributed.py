@@ -298,9 +298,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
             wrapped._param_names = names
         return wrapped
 
-    if op != hvd.Average:
-        raise ValueError(f"invalid op={op!r} for {type(optimizer).__name__} (GSNR): ḡ and s are "
-                         "means over samples, so op must be hvd.Average")
+    rules.check_gsnr_op(op, type(optimizer).__name__)
+    if num_groups or groups is not None:
+        raise ValueError(f"invalid {'num_groups=' + repr(num_groups) if num_groups else 'groups=' + repr(groups)} "
+                         "with the GSNR transform: each tensor's [ḡ, s] pair is its own group; leave "
+                         "num_groups=0 and groups=None (Horovod's tensor fusion still batches them)")
     if process_set.included():
         rules.check_samples(process_set.size(), micro_batches)
         square_dtype = rules.square_wire_dtype(square_dtype, process_set.size())
