@@ -135,3 +135,13 @@ def test_distributed_optimizer_argument_checks():
         lbt.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), gradient_predivide_factor=0)
     with pytest.raises(ValueError, match="invalid square_dtype="):
         lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), square_dtype="float16")
+
+
+@pytest.mark.parametrize("lr", [float("nan"), -0.1, float("inf")])
+def test_bad_lr_set_after_construction_is_caught_at_step(lr):
+    w = torch.ones(2, requires_grad=True)
+    opt = lbt.create("momentum", [w])
+    opt.param_groups[0]["lr"] = lr
+    w.grad = torch.ones_like(w)
+    with pytest.raises(ValueError, match=r"invalid lr=.*\[0, inf\)"):
+        opt.step()

@@ -59,7 +59,7 @@ def check_parity(ranks, names, W):
 def compat(tmp_path_factory):
     """One -np 2 Gloo launch runs the parity cases and every compatibility case."""
     out = tmp_path_factory.mktemp("compat")
-    return launch(out, "parity+compat+gsnr", 2, "gloo", rules.NAMES)
+    return launch(out, "parity+compat+gsnr+misuse", 2, "gloo", rules.NAMES)
 
 
 @pytest.mark.multiprocess
@@ -182,3 +182,26 @@ def test_gsnr_of_torch_optimizers_equals_reference(compat, case, M):
     for step in range(1, worker.STEPS + 1):
         ref.step_samples(_samples(step, 2, M))
     assert_params(params, ref.params, 1e-10, key)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("key,needle", [
+    ("step_without_backward", "without loss.backward()"),
+    ("zero_grad_between_micro_batches", "zero_grad() between micro-batches"),
+    ("wrap_twice", "already a DistributedOptimizer"),
+    ("compression_string", "invalid compression='fp16'"),
+    ("k_after_shrink", "k = 1 × 1 = 1"),
+])
+def test_misuse_is_a_clear_error_on_every_rank(compat, key, needle):
+    message = _same_on_ranks(compat, key)
+    assert message is not None and needle in message, message
+
+
+@pytest.mark.multiprocess
+def test_param_group_added_after_wrapping_is_reduced(compat):
+    """ḡ of the added tensor is the mean over ranks of [0, 1, 2]·(rank + 1); GSNR scales it."""
+    w = _same_on_ranks(compat, "added_group")
+    ref = reference.ReferenceOptimizer("vr-sgd", [np.zeros(3)], adapt=[False], decay=[False])
+    for _ in range(2):
+        ref.step_samples([[np.arange(3.0) * (r + 1)] for r in range(2)])
+    assert_params([w], ref.params, 1e-12, "added group")

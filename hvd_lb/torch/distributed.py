@@ -60,13 +60,29 @@ class _DistributedVR(torch.optim.Optimizer):
         self._synchronized = False
         self._should_synchronize = True
         self._warned_sparse = False
-        if self.process_set.included():
-            # Unlike Horovod we hook even with one process: micro-batch squares are local work.
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.requires_grad:
-                        self._requires_update.add(p)
-                        self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+        self._backward_seen = False
+        for group in self.param_groups:
+            self._hook_group(group)
+
+    def _hook_group(self, group):
+        if not self.process_set.included():
+            return
+        # Unlike Horovod we hook even with one process: micro-batch squares are local work.
+        for p in group["params"]:
+            if p.requires_grad and p not in self._requires_update:
+                self._requires_update.add(p)
+                self._delay[p] = self.micro_batches
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def add_param_group(self, param_group):
+        """Horovod's rule: a group added after wrapping is reduced too (named by position)."""
+        super(self.__class__, self).add_param_group(param_group)
+        if hasattr(self, "_hooks"):  # not during __init__
+            group, i = self.param_groups[-1], len(self.param_groups) - 1
+            for j, p in enumerate(group["params"]):
+                self._parameter_names.setdefault(p, f"allreduce.noname.{i}.{j}")
+                self._param_names.setdefault(p, self._parameter_names[p])
+            self._hook_group(group)
 
     # --- per-backward work ----------------------------------------------------------
 
@@ -82,6 +98,11 @@ class _DistributedVR(torch.optim.Optimizer):
             p.grad = p.grad.to_dense()
 
     def _hook(self, p):
+        if not self._backward_seen:
+            # k at the first backward of every step, before anything is sent: an elastic reset
+            # can change the worker count (SPEC §2: refuse k < 2).
+            rules.check_samples(self.process_set.size(), self.micro_batches)
+            self._backward_seen = True
         if self._delay[p] <= 0:
             raise AssertionError(
                 f"gradients were computed more than micro_batches={self.micro_batches} times "
@@ -140,6 +161,12 @@ class _DistributedVR(torch.optim.Optimizer):
         if not self.process_set.included():
             self._synchronized = True
             return
+        if not self._backward_seen:
+            raise RuntimeError(
+                "optimizer.step() without loss.backward() since the last step: there are no new "
+                "gradient samples, so the GSNR statistics would be stale (call backward() "
+                f"{self.micro_batches} time(s) per step)")
+        self._backward_seen = False
         for p in self._requires_update - set(self._handles):
             self._enqueue(p)
         for p, (kind, handle, ctx) in self._handles.items():
@@ -151,7 +178,7 @@ class _DistributedVR(torch.optim.Optimizer):
                 sq = bits.view(torch.bfloat16).reshape(-1, p.numel()).float().mean(0)
             p.grad.set_(self._compression.decompress(grad, ctx))
             self._stats[p] = sq.to(self._work_dtype(p)).view_as(p)
-            self._gnorm[p] = torch.linalg.vector_norm(p.grad.to(self._work_dtype(p)))
+            self._gnorm[p] = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
             self._delay[p] = self.micro_batches
         self._handles.clear()
         self._synchronized = True
@@ -174,9 +201,11 @@ class _DistributedVR(torch.optim.Optimizer):
         """
         if self._should_synchronize:
             if self._synchronized:
+                # Horovod reduces again (the mean of equal values); s of the first reduction stands.
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
-                              "after optimizer.synchronize(): the statistics are reduced again")
-            self.synchronize()
+                              "after optimizer.synchronize(): using the statistics already reduced")
+            else:
+                self.synchronize()
         self._synchronized = False
         sq = []
         for group in self.param_groups:
@@ -184,9 +213,10 @@ class _DistributedVR(torch.optim.Optimizer):
                 s = self._stats.pop(p, None)
                 n0 = self._gnorm.pop(p, None)
                 if s is not None and p.grad is not None:
-                    n1 = torch.linalg.vector_norm(p.grad.to(s.dtype))
+                    # float64 norms: ‖ḡ‖ of a float32 gradient may overflow float32 (inf/inf).
+                    n1 = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
                     ratio = torch.where(n0 > 0, n1 / torch.where(n0 > 0, n0, 1.0), 1.0)
-                    s = s.mul_(ratio * ratio)
+                    s = s.mul_((ratio * ratio).to(s.dtype))
                 sq.append(s)
         self.set_grad_sq(sq)
         # s is this wrapper's buffer (or a fresh tensor): the transform may overwrite it.
@@ -198,6 +228,12 @@ class _DistributedVR(torch.optim.Optimizer):
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
                                  "optimizer.step() or optimizer.synchronize(): this is prohibited "
                                  "as it can cause a race condition")
+        if any(self._acc_n.values()):
+            # g_m = p.grad − p.grad before: zeroing between micro-batches would invent a sample.
+            raise RuntimeError(
+                f"optimizer.zero_grad() between micro-batches: with micro_batches={self.micro_batches} "
+                "gradients accumulate over the backward passes of one step; call zero_grad() once "
+                "per step, after optimizer.step()")
         return super(self.__class__, self).zero_grad(set_to_none)
 
     def load_state_dict(self, *args, **kwargs):
@@ -208,6 +244,7 @@ class _DistributedVR(torch.optim.Optimizer):
         self._gnorm.clear()
         self._synchronized = False
         self._should_synchronize = True
+        self._backward_seen = False
         for p in self._delay:
             self._delay[p] = self.micro_batches
         super(self.__class__, self).load_state_dict(*args, **kwargs)
@@ -274,6 +311,12 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     process_set = hvd.global_process_set if process_set is _UNSET else process_set
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"invalid optimizer={optimizer!r}: must be a torch.optim.Optimizer")
+    if hasattr(optimizer, "_parameter_names") and hasattr(optimizer, "synchronize"):
+        raise ValueError(f"invalid optimizer={type(optimizer).__name__}: it is already a DistributedOptimizer; "
+                         "wrap the plain optimizer once")
+    if not (callable(getattr(compression, "compress", None)) and callable(getattr(compression, "decompress", None))):
+        raise ValueError(f"invalid compression={compression!r}: must be hvd.Compression.none, "
+                         "hvd.Compression.fp16 or a Compressor class")
     micro_batches = _micro_batches(backward_passes_per_step, micro_batches)
     if isinstance(gradient_predivide_factor, bool) or not isinstance(gradient_predivide_factor, (int, float)) \
             or not 0 < gradient_predivide_factor < float("inf"):

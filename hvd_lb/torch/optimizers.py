@@ -124,6 +124,8 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
                 continue
+            if not isinstance(group["lr"], torch.Tensor):
+                rules.LR(0.0).check(group["lr"], self.rule.name)  # a Python float: no device sync
             for p in ps:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"optimizer '{self.rule.name}' does not take sparse gradients "

@@ -2,7 +2,8 @@
 
 Modes (join with ``+`` to run several in one launch): ``parity`` (every NAME × micro_batches 1, 2), ``compat`` (broadcast, clipping,
 GradScaler, checkpoint, bf16 squares, sparse, diagnostics), ``gsnr`` (GSNR in front of
-torch.optim.SGD / AdamW, Horovod's arguments, broadcast of lazily built state), ``single`` (size-1 Horovod:
+torch.optim.SGD / AdamW, Horovod's arguments, broadcast of lazily built state), ``misuse``
+(clear errors, alike on every rank), ``single`` (size-1 Horovod:
 k < 2 error, linear regression).  Each rank writes ``OUT_DIR/rank{r}.json``.
 Data are seeded per (step, worker, micro-batch) so the test can rebuild every sample.
 """
@@ -221,6 +222,57 @@ def mode_gsnr(hvd, lbt, _names):
     return out
 
 
+def _error(fn):
+    try:
+        fn()
+    except (ValueError, RuntimeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def mode_misuse(hvd, lbt, _names):
+    """Misuse is a clear error raised alike on every rank, before any collective (no hang)."""
+    rank = hvd.rank()
+    out = {}
+    params = _leaves(init_params())
+    opt = lbt.DistributedOptimizer(lbt.create("vr-sgd", params), micro_batches=1)
+    _steps(hvd, opt, params, 1, 1, 1)
+    out["step_without_backward"] = _error(opt.step)
+
+    params = _leaves(init_params())
+    opt = lbt.DistributedOptimizer(lbt.create("vr-sgd", params), micro_batches=2)
+    _backward(params, micro_grads(1, rank, 0, 2))
+    out["zero_grad_between_micro_batches"] = _error(opt.zero_grad)
+
+    params = _leaves(init_params())
+    opt = lbt.DistributedOptimizer(lbt.create("vr-sgd", params), micro_batches=1)
+    out["wrap_twice"] = _error(lambda: lbt.DistributedOptimizer(opt))
+    out["compression_string"] = _error(lambda: lbt.DistributedOptimizer(lbt.create("vr-sgd", _leaves(init_params())),
+                                                                        compression="fp16"))
+
+    class OneWorker:  # what an elastic shrink to one worker looks like to the wrapper
+        def size(self):
+            return 1
+
+        def included(self):
+            return True
+
+    opt.process_set = OneWorker()
+    out["k_after_shrink"] = _error(lambda: _backward(params, micro_grads(1, rank, 0, 1)))
+
+    # A param group added after wrapping is reduced and stepped like the others.
+    params = _leaves(init_params())
+    extra = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    opt = lbt.DistributedOptimizer(lbt.create("vr-sgd", params[:1]), micro_batches=1)
+    opt.add_param_group({"params": [extra], "adapt": False, "decay": False})
+    for step in (1, 2):
+        _backward(params[:1] + [extra], micro_grads(step, rank, 0, 1)[:1] + [np.arange(3.0) * (rank + 1)])
+        opt.step()
+        opt.zero_grad()
+    out["added_group"] = _dump(extra)
+    return out
+
+
 def linreg(lbt, name, lr, gamma=0.1, steps=100, batch=256, k=8, dim=10, seed=0):
     """VRGD §7.2: y = W·x with W_i = i, w₀ = 0, MSE; k micro-batches of batch/k per step."""
     W = torch.arange(1, dim + 1, dtype=torch.float64)
@@ -274,7 +326,8 @@ def main():
     import horovod.torch as hvd
     import hvd_lb.torch as lbt
     hvd.init()
-    modes = {"parity": mode_parity, "compat": mode_compat, "gsnr": mode_gsnr, "single": mode_single}
+    modes = {"parity": mode_parity, "compat": mode_compat, "gsnr": mode_gsnr, "misuse": mode_misuse,
+             "single": mode_single}
     result = {}
     for m in mode.split("+"):
         result.update(modes[m](hvd, lbt, names))

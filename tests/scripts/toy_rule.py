@@ -101,7 +101,8 @@ def run_tf(name, hp):
 
     rng = np.random.default_rng(0)
     variables = [tf.Variable(rng.standard_normal(s)) for s in SHAPES]
-    opt = lbtf.OPTIMIZERS[name](**{rules.KERAS_NAMES.get(k, k): v for k, v in hp.items()})
+    # include=["*"]: decay on every tensor, as in the reference (Keras classes exclude ndim ≤ 1).
+    opt = lbtf.OPTIMIZERS[name](include=["*"], **{rules.KERAS_NAMES.get(k, k): v for k, v in hp.items()})
     for mean, sq in sequence():
         if name.startswith("vr-"):
             opt.set_grad_sq([tf.constant(s) for s in sq])
