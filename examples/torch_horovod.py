@@ -1,7 +1,8 @@
 """Horovod PyTorch training, before and after hvd_lb.
 
 torch_horovod.py is plain Horovod, written the way Horovod's docs teach;
-torch_hvd_lb.py is the same script on hvd_lb (VR-Momentum): three lines differ.
+torch_hvd_lb.py is the same script on hvd_lb with GSNR (VR-Momentum): two lines differ,
+the import and the line that puts the GSNR transform in front of the optimizer.
 Run either with:  horovodrun -np 2 -H localhost:2 python examples/<file> --steps 20
 """
 import argparse

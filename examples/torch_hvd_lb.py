@@ -1,7 +1,8 @@
 """Horovod PyTorch training, before and after hvd_lb.
 
 torch_horovod.py is plain Horovod, written the way Horovod's docs teach;
-torch_hvd_lb.py is the same script on hvd_lb (VR-Momentum): three lines differ.
+torch_hvd_lb.py is the same script on hvd_lb with GSNR (VR-Momentum): two lines differ,
+the import and the line that puts the GSNR transform in front of the optimizer.
 Run either with:  horovodrun -np 2 -H localhost:2 python examples/<file> --steps 20
 """
 import argparse
@@ -9,8 +10,7 @@ import argparse
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import horovod.torch as hvd
-import hvd_lb.torch as lb
+import hvd_lb.torch as hvd
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--steps", type=int, default=100)
@@ -33,8 +33,9 @@ def batch():
 
 
 model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.LayerNorm(128), nn.Linear(128, 10))
-optimizer = lb.create("vr-momentum", model, lr=args.lr * hvd.size())
-optimizer = lb.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+optimizer = torch.optim.SGD(model.parameters(), lr=args.lr * hvd.size(), momentum=0.9)
+optimizer = hvd.GSNR(optimizer)
+optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
 hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 hvd.broadcast_optimizer_state(optimizer, root_rank=0)
 

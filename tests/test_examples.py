@@ -7,7 +7,7 @@ import pytest
 from tests.hvdrun import ROOT, horovod_env, run_horovod
 
 EX = ROOT / "examples"
-PAIRS = [("torch_horovod.py", "torch_hvd_lb.py", 3), ("keras_horovod.py", "keras_hvd_lb.py", 5)]
+PAIRS = [("torch_horovod.py", "torch_hvd_lb.py", 2), ("keras_horovod.py", "keras_hvd_lb.py", 5)]
 
 
 def changed_lines(a: Path, b: Path):
