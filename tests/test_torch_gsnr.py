@@ -241,3 +241,22 @@ def test_float32_gsnr_is_finite_and_follows_float64(scale, identical, k):
         assert abs(float(c32) - c64) < 0.05 and abs(r32.mean() - r64.mean()) < 0.05
     else:
         np.testing.assert_allclose(r32, r64, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["f64", "f32"])
+def test_fused_path_equals_per_tensor(dtype, tol):
+    """torch.compile'd GSNR (one graph for every size and step) = the per-tensor formulas."""
+    hp = {"lr": 0.05, "weight_decay": 0.01}
+    a, b = _leaves(dtype), _leaves(dtype)
+    ref = lbt.GSNR(torch.optim.AdamW(a, foreach=False, **hp), gamma=0.3, momentum=0.5)
+    ref.param_groups[0]["foreach"] = False
+    fused = lbt.GSNR(torch.optim.AdamW(b, foreach=False, **hp), gamma=0.3, momentum=0.5, fused=True)
+    _run(ref, a, SEQ[:6], dtype)
+    _run(fused, b, SEQ[:6], dtype)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+        torch.testing.assert_close(fused.state[q]["gsnr_avg"], ref.state[p]["gsnr_avg"], rtol=tol, atol=tol)
+    assert fused.gsnr_diagnostics().keys() == ref.gsnr_diagnostics().keys()
+    vr = lbt.create("vr-sgd", _leaves(dtype), gsnr_fused=True)
+    assert all(g["gsnr_fused"] for g in vr.param_groups)

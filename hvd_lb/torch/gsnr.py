@@ -20,6 +20,7 @@ only while it is empty.
 """
 from __future__ import annotations
 
+import functools
 from fnmatch import fnmatchcase
 from typing import Dict, List, Optional
 
@@ -29,7 +30,8 @@ from .. import formulas, grouping, rules
 from ._ops import T
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude")
+_KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
+_FALLBACK = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": (), "gsnr_fused": False}
 
 
 def param_name(opt, p) -> str:
@@ -50,14 +52,23 @@ class GSNRTransform:
     _gsnr_sq: Optional[Dict[torch.Tensor, torch.Tensor]] = None
     _gsnr_sq_owned = False   # True: step() may overwrite the s tensors (the wrapper's buffers)
     _gsnr_diag: tuple = ()
+    _gsnr_fused = False
+
+    def __init__(self, params, *args, gsnr_fused: bool = False, **kwargs):
+        # Named vr- classes take ``gsnr_fused`` beside the rule's hyperparameters.
+        if not isinstance(gsnr_fused, bool):
+            raise ValueError(f"invalid gsnr_fused={gsnr_fused!r}: must be True or False")
+        self._gsnr_fused = gsnr_fused
+        super().__init__(params, *args, **kwargs)
+        self.defaults["gsnr_fused"] = gsnr_fused
 
     def add_param_group(self, param_group):
         """Add a group; ``gamma``/``gsnr_momentum`` default to the optimizer's (SPEC §2 ranges)."""
         first = self.param_groups[0] if self.param_groups else {}
-        fallback = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": ()}
         for key in _KEYS:
             if key not in param_group:
-                param_group[key] = self.defaults.get(key, first.get(key, fallback[key]))
+                fallback = self._gsnr_fused if key == "gsnr_fused" else _FALLBACK[key]
+                param_group[key] = self.defaults.get(key, first.get(key, fallback))
         param_group["gamma"], param_group["gsnr_momentum"] = rules.check_gsnr(
             param_group["gamma"], param_group["gsnr_momentum"])
         param_group["gsnr_exclude"] = tuple(param_group["gsnr_exclude"])
@@ -175,21 +186,42 @@ def _gsnr(group, ps, ss, states, owned):
     avgs = [st[rules.GSNR_SLOT].to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
             for st, g in zip(states, wide)]
     eps_w = [formulas.variance_floor(g.dtype == torch.float64) for g in wide]
-    if group.get("foreach") is not False:
+    if group["gsnr_fused"]:
+        fn = _compiled()
+        res = [fn(g.view(-1), s.view(-1), avg.view(-1), torch.tensor(float(t), dtype=g.dtype, device=g.device),
+                  group["gamma"], group["gsnr_momentum"], e)
+               for g, s, avg, t, e in zip(wide, ss, avgs, steps, eps_w)]
+        out = [r[0].view_as(g) for r, g in zip(res, wide)]
+        avgs = [r[1].view_as(g) for r, g in zip(res, wide)]
+        mus, clipped = torch.stack([r[2] for r in res]), torch.stack([r[3] for r in res])
+    elif group.get("foreach") is not False:
         out, avgs, mus, clipped = _gsnr_foreach(wide, ss, avgs, steps, eps_w, group["gamma"],
                                                 group["gsnr_momentum"], owned)
     else:
-        out, new_avgs, mus, clipped = [], [], [], []
-        for g, s, avg, t, e in zip(wide, ss, avgs, steps, eps_w):
-            r, mu, c = formulas.gsnr_ratio(T, g, s, group["gamma"], e)
-            g_hat, p_t = formulas.gsnr_scale(T, g, r, avg, group["gsnr_momentum"], t)
-            out.append(g_hat)
-            new_avgs.append(p_t)
-            mus.append(mu)
-            clipped.append(c)
-        avgs, mus, clipped = new_avgs, torch.stack(mus), torch.stack(clipped)
+        res = [_gsnr_one(g, s, avg, t, group["gamma"], group["gsnr_momentum"], e)
+               for g, s, avg, t, e in zip(wide, ss, avgs, steps, eps_w)]
+        out, avgs = [r[0] for r in res], [r[1] for r in res]
+        mus, clipped = torch.stack([r[2] for r in res]), torch.stack([r[3] for r in res])
     out = [o.to(g.dtype) for o, g in zip(out, gs)]
     return out, avgs, steps, mus, clipped
+
+
+def _gsnr_one(g, s, avg, t, gamma, b3, eps_w):
+    """One tensor, formulas as written: (ĝ, p_t, μ_r, clipped fraction). ``t`` may be a 0-d tensor."""
+    r, mu, clipped = formulas.gsnr_ratio(T, g, s, gamma, eps_w)
+    g_hat, p_t = formulas.gsnr_scale(T, g, r, avg, b3, t)
+    return g_hat, p_t, mu, clipped
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    """``_gsnr_one`` fused by ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU).
+
+    Called on flattened tensors with t as a 0-d tensor and ``dynamic=True``, so one graph
+    serves every tensor size and step (γ, β₃, ε_w are constants of the graph). Not the
+    default: ``bench/gsnr_fused.py`` measures the trade (compile time once vs time per step).
+    """
+    return torch.compile(_gsnr_one, dynamic=True)
 
 
 def _sums(tensors):
@@ -254,7 +286,7 @@ def transform_class(cls: type, name: Optional[str] = None, **body) -> type:
 
 
 def GSNR(optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float = 0.0, exclude=(),
-         named_parameters=None) -> torch.optim.Optimizer:
+         named_parameters=None, fused: bool = False) -> torch.optim.Optimizer:
     """Put the GSNR transform (VRGD §4, docs/SPEC.md §2) in front of any torch optimizer.
 
     Args:
@@ -266,6 +298,9 @@ def GSNR(optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float =
             GSNR applies to every tensor); names come from ``named_parameters`` or from
             ``hvd_lb.torch.create(name, model)``.
         named_parameters: ``model.named_parameters()``, for ``exclude`` and diagnostics.
+        fused: compute r and ĝ per tensor in one ``torch.compile``d kernel (compiled on the
+            first step; see ``bench/gsnr_fused.py``) instead of the foreach/per-tensor paths
+            chosen by the group's ``foreach`` flag. Named ``vr-*`` classes take ``gsnr_fused``.
 
     Returns an optimizer of class ``GSNR<Name>``, a subclass of ``type(optimizer)``: use it
     in place of ``optimizer``, inside ``hvd_lb.torch.DistributedOptimizer`` (which gives
@@ -277,6 +312,8 @@ def GSNR(optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float =
         raise ValueError("invalid optimizer: it is already a DistributedOptimizer; apply GSNR first: "
                          "DistributedOptimizer(GSNR(opt), ...)")
     gamma, momentum = rules.check_gsnr(gamma, momentum)
+    if not isinstance(fused, bool):
+        raise ValueError(f"invalid fused={fused!r}: must be True or False")
     exclude = grouping.patterns("exclude", exclude)
     clash = sorted(set(_KEYS) & set(optimizer.defaults))
     if clash and not isinstance(optimizer, GSNRTransform):
@@ -296,8 +333,9 @@ def GSNR(optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float =
                                  "named_parameters=model.named_parameters()")
             skip = tuple(j for j, p in enumerate(group["params"])
                          if any(fnmatchcase(names[p], pat) for pat in exclude))
-        groups.append({**group, "gamma": gamma, "gsnr_momentum": momentum, "gsnr_exclude": skip})
-    opt = cls(groups)
+        groups.append({**group, "gamma": gamma, "gsnr_momentum": momentum, "gsnr_exclude": skip,
+                       "gsnr_fused": fused})
+    opt = cls(groups, gsnr_fused=fused)
     opt.defaults.update(gamma=gamma, gsnr_momentum=momentum, gsnr_exclude=())
     for p, st in optimizer.state.items():
         opt.state[p] = st
