@@ -45,10 +45,13 @@ def test_model_fit_equals_reference(ranks, name, M):
 
 
 def test_model_fit_with_lr_warmup_callback(ranks):
-    """LARS, 2 micro-batches, LearningRateWarmupCallback from lr/size to lr over 2 steps."""
+    """LARS, 2 micro-batches, Horovod's LearningRateWarmupCallback from lr/size to lr over epoch 1.
+
+    Set at every batch to (lr/size)·((batch + 1)/6·(size − 1) + 1); real step t runs at batch 2t + 1.
+    """
     target = TEST_HP["lars"]["learning_rate"]
-    start = target / NP
-    check_case(ranks, "fit/lars/2", "lars", 2, lr_fn=lambda t: start + (target - start) * min(t / 2, 1.0))
+    check_case(ranks, "fit/lars/2", "lars", 2,
+               lr_fn=lambda t: target / NP * (min(2 * t + 2, 6) / 6 * (NP - 1) + 1))
 
 
 @pytest.mark.parametrize("key, name, M", [("fit-lso/vr-lamb/1", "vr-lamb", 1),
@@ -77,10 +80,11 @@ def test_gsnr_diagnostics_match_reference(ranks):
 
 
 def test_one_allreduce_per_gradient(ranks):
-    """Non-VR: one grouped call with each gradient once; VR: the same call also carries s."""
+    """Non-VR: one grouped call with each gradient once; VR: the same call also carries s;
+    both carry (M, M²), the check that every worker uses the same micro_batches."""
     for res in ranks:
-        assert res["calls/momentum"] == [2]
-        assert res["calls/vr-momentum"] == [4]
+        assert res["calls/momentum"] == [3]
+        assert res["calls/vr-momentum"] == [5]
 
 
 def test_fp16_compression_keeps_squares_float32(ranks):

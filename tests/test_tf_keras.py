@@ -179,8 +179,8 @@ def test_callbacks_and_broadcast_validate_arguments():
     horovod()
     with pytest.raises(ValueError, match="root_rank=-1"):
         H.BroadcastGlobalVariablesCallback(-1)
-    with pytest.raises(ValueError, match="warmup_steps=0"):
-        H.LearningRateWarmupCallback(0.1, 0)
+    with pytest.raises(ValueError, match="warmup_epochs=0"):
+        H.LearningRateWarmupCallback(0.1, warmup_epochs=0)
     with pytest.raises(ValueError, match="root_rank=5"):
         H.broadcast_variables([keras.Variable(1.0)], root_rank=5)
     H.broadcast_variables([keras.Variable(1.0)], root_rank=0)  # one process: nothing to do

@@ -167,19 +167,37 @@ def test_schedule_drives_the_optimizer_step():
 
 
 @pytest.mark.parametrize("kwargs, needle", [
-    ({"learning_rate": -1.0}, "lr=-1.0"),
+    # Keras spellings in the messages, not torch's lr/betas/eps (issue 12, defect 8).
+    ({"learning_rate": -1.0}, "invalid learning_rate=-1.0"),
     ({"momentum": 1.0}, "momentum=1.0"),
-    ({"beta_1": 1.5}, "betas"),
-    ({"epsilon": -1.0}, "eps=-1.0"),
+    ({"beta_1": 1.5}, "invalid beta_1=1.5"),
+    ({"beta_1": "0.9"}, "invalid beta_1='0.9'"),
+    ({"beta_2": float("nan")}, "invalid beta_2=nan"),
+    ({"epsilon": -1.0}, "invalid epsilon=-1.0"),
+    ({"weight_decay": float("inf")}, "invalid weight_decay=inf"),
     ({"gamma": 0.0}, "gamma=0.0"),
     ({"betas": (0.9, 0.99)}, "unknown argument(s) betas"),
     ({"exclude": [3]}, "exclude"),
 ])
 def test_invalid_arguments(kwargs, needle):
-    name = "vr-lamb" if "beta_1" in kwargs or "betas" in kwargs or "epsilon" in kwargs else "vr-momentum"
+    name = "vr-lamb" if {"beta_1", "beta_2", "betas", "epsilon"} & set(kwargs) else "vr-momentum"
     with pytest.raises(ValueError) as e:
         H.create(name, **kwargs)
     assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("wrap", ["rule", "gsnr", "distributed"])
+@pytest.mark.parametrize("lr", [float("nan"), -0.5, float("inf")])
+def test_learning_rate_set_later_is_checked(wrap, lr):
+    """A NaN/negative/inf rate assigned after construction fails on the Python value (issue 12)."""
+    if wrap == "distributed":
+        pytest.importorskip("horovod.tensorflow")
+    opt = {"rule": lambda: H.create("vr-lamb"), "gsnr": lambda: H.GSNR(keras.optimizers.SGD(0.1)),
+           "distributed": lambda: H.DistributedOptimizer(keras.optimizers.SGD(0.1))}[wrap]()
+    with pytest.raises(ValueError, match=r"invalid learning_rate=(nan|-0.5|inf)"):
+        opt.learning_rate = lr
+    opt.learning_rate = 0.25
+    assert float(opt.learning_rate.numpy()) == 0.25
 
 
 def test_unknown_name():

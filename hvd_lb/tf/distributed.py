@@ -7,17 +7,27 @@ x_{w,m} = M·g_{w,m}; the step uses ḡ = (1/k)Σx and, for an optimizer that is
 other optimizers reduce each gradient exactly once, like plain Horovod.
 Horovod's own Keras layer is broken on Keras 3 (horovod#4290), so this
 module talks to ``horovod.tensorflow`` directly and unwraps Keras variables.
+
+Every collective is keyed by position (issue 12): the same tensors in the same
+order on every rank, a ``None`` gradient sent as zeros (as Horovod's torch
+optimizer does), and explicit Horovod names built from the tensors' shapes,
+never from variable or op names (which differ between a loaded and a fresh model).
 """
 from __future__ import annotations
+
+import itertools
+import zlib
 
 import keras
 import tensorflow as tf
 
 from .. import rules
+from ._args import check_learning_rate
 from ._ops import stat_dtype, variable_path
 from .gsnr import GSNR
 
 _COMPRESSIONS = ("none", "fp16")
+AVERAGE, SUM = 0, 1  # hvd.Average, hvd.Sum (the same integers in every Horovod framework)
 
 
 def _hvd():
@@ -60,45 +70,98 @@ def _micro_batches(micro_batches, backward_passes_per_step):
     return rules.check_micro_batches(backward_passes_per_step)
 
 
+def _horovod_args(what, gsnr, op, gradient_predivide_factor, num_groups, groups, device_sparse,
+                  sparse_as_dense):
+    """Check Horovod's wrapper arguments; return (op, f) as ``reduce_statistics`` takes them."""
+    if op not in (AVERAGE, SUM):
+        raise ValueError(f"invalid op={rules.HOROVOD_OPS.get(op, repr(op))} for {what}: hvd_lb.tf reduces "
+                         "with hvd.Average (default) or hvd.Sum, as Horovod's Keras wrapper")
+    if gsnr:
+        rules.check_gsnr_op(op, what)
+    f = gradient_predivide_factor
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < float("inf"):
+        raise ValueError(f"invalid gradient_predivide_factor={f!r}: must be in (0, inf)")
+    if f != 1.0 and op != AVERAGE:
+        raise ValueError(f"invalid gradient_predivide_factor={f!r} with op=hvd.Sum: it splits an average "
+                         "(as in Horovod)")
+    if num_groups or groups is not None:
+        bad = f"num_groups={num_groups!r}" if num_groups else f"groups={groups!r}"
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0 or not (
+                groups is None or isinstance(groups, list) or (isinstance(groups, int) and groups > 0)):
+            raise ValueError(f"invalid {bad}: must be a non-negative integer or a list of lists of variables")
+        if gsnr:
+            raise ValueError(f"invalid {bad} with the GSNR transform: ḡ and s go out in one grouped "
+                             "all-reduce; leave num_groups=0 and groups=None")
+    if device_sparse:
+        raise ValueError(f"invalid device_sparse={device_sparse!r}: hvd_lb.tf reduces sparse gradients as "
+                         "dense (sparse_as_dense=True), on device_dense")
+    if not isinstance(sparse_as_dense, bool):
+        raise ValueError(f"invalid sparse_as_dense={sparse_as_dense!r}: must be True or False")
+    return op, float(f)
+
+
 def _dense(g):
     return None if g is None else tf.convert_to_tensor(g)
 
 
-def _collectives(tensors, gather, process_set):
-    """Average ``tensors`` over workers and all-gather ``gather`` (or None) in one Horovod cycle.
+def _filled(grads, sources):
+    """Dense gradients with ``None`` → zeros of the source's shape: every rank reduces every
+    tensor (a variable unused on one rank would otherwise pair with another one's gradient)."""
+    return [tf.zeros(v.shape, v.dtype) if g is None else _dense(g) for g, v in zip(grads, sources)]
+
+
+def _name(kind, tensors):
+    """A Horovod op name from what is reduced (kind, shapes, dtypes), the same on every rank."""
+    sig = ";".join(f"{t.dtype.name}{t.shape.as_list()}" for t in tensors)
+    return f"hvd_lb_{kind}_{len(tensors)}_{zlib.crc32(sig.encode()):08x}"
+
+
+def _collectives(tensors, gather, process_set, op=AVERAGE, predivide=1.0, device=""):
+    """Reduce ``tensors`` over workers and all-gather ``gather`` (or None) in one Horovod cycle.
 
     HorovodGroupedAllreduce takes one dtype, so mixed dtypes (fp16-compressed ḡ with
     float32 s, models mixing float32 and float64 variables) go out as one group per dtype;
     with the all-gather they are issued from a single graph so that Horovod negotiates
-    them together. Returns (averaged tensors, gathered tensor or None).
+    them together. ``predivide`` = Horovod's gradient_predivide_factor f: 1/f before the
+    sum, f/size after. Returns (reduced tensors, gathered tensor or None).
     """
     hvd = _hvd()
     groups = {}
     for i, t in enumerate(tensors):
         groups.setdefault(t.dtype, []).append(i)
-    if len(groups) == 1 and gather is None:
-        return list(hvd.grouped_allreduce(list(tensors), op=hvd.Average, process_set=process_set)), None
+    scale = dict(prescale_factor=1.0 / predivide, postscale_factor=predivide) if predivide != 1.0 else {}
 
     def run(ts, bits):
         out = [None] * len(ts)
-        for idx in groups.values():
-            reduced = hvd.grouped_allreduce([ts[i] for i in idx], op=hvd.Average, process_set=process_set)
-            for i, r in zip(idx, reduced):
-                out[i] = r
-        return out, None if bits is None else hvd.allgather(bits, process_set=process_set)
+        with tf.device(device):
+            for idx in groups.values():
+                part = [ts[i] for i in idx]
+                reduced = hvd.grouped_allreduce(part, op=op, process_set=process_set, name=_name("reduce", part),
+                                                ignore_name_scope=True, **scale)
+                for i, r in zip(idx, reduced):
+                    out[i] = r
+            if bits is not None:
+                bits = hvd.allgather(bits, process_set=process_set, name=_name("gather", [bits]),
+                                     ignore_name_scope=True)
+        return out, bits
 
-    if tf.executing_eagerly():
+    if tf.executing_eagerly() and (len(groups) > 1 or gather is not None):
         run = tf.function(run)
     return run(list(tensors), gather)
 
 
-def reduce_statistics(grads, squares=None, compression="none", square_dtype=None, process_set=None):
+def reduce_statistics(grads, squares=None, compression="none", square_dtype=None, process_set=None,
+                      micro_batches=None, op=AVERAGE, gradient_predivide_factor=1.0, device_dense=""):
     """All-reduce ḡ (and s when ``squares`` is given) across Horovod workers in one cycle.
 
     ``grads`` are each worker's (1/M)Σ_m x_{w,m}, ``squares`` its (1/M)Σ_m x²_{w,m};
     the average over ``process_set`` (default ``hvd.global_process_set``) gives ḡ and s
-    of SPEC §1. ``None`` entries stay ``None``. ``square_dtype``: see
-    ``DistributedOptimizer``. Returns ``(mean, sq)`` (``sq`` is ``None`` without ``squares``).
+    of SPEC §1. A ``None`` entry must be ``None`` on every rank (the wrappers send zeros).
+    ``micro_batches`` = this rank's M: sent along as (M, M²), so that workers with
+    different M stop with an error at the first step instead of hanging later.
+    ``op`` (hvd.Average or hvd.Sum), ``gradient_predivide_factor`` and ``device_dense``
+    as Horovod's; ``square_dtype``: see ``DistributedOptimizer``. Returns ``(mean, sq)``
+    (``sq`` is ``None`` without ``squares``).
     """
     _, comp = _compressor(compression)
     square_dtype = rules.check_square_dtype(square_dtype)
@@ -129,7 +192,13 @@ def reduce_statistics(grads, squares=None, compression="none", square_dtype=None
     elif sq is not None:
         # s travels in float32 or wider (SPEC §1): float64 for float64 gradients unless told.
         packed += [tf.cast(sq[i], wire or stat_dtype(grads[i].dtype)) for i in present]
-    out, gathered = _collectives(packed, bits, process_set)
+    n = len(packed)
+    if micro_batches is not None:
+        # Exact small integers in the first tensor's dtype, so no extra group or cycle.
+        packed.append(tf.constant([micro_batches, micro_batches ** 2], packed[0].dtype))
+    out, gathered = _collectives(packed, bits, process_set, op, gradient_predivide_factor, device_dense)
+    if micro_batches is not None:
+        out = _check_same_micro_batches(out, micro_batches, process_set.size() if op == SUM else 1)
     if gathered is not None:
         flat = tf.reduce_mean(tf.cast(tf.bitcast(gathered, tf.bfloat16), tf.float32), 0)
         sizes = [sq[i].shape.num_elements() for i in present]
@@ -140,6 +209,16 @@ def reduce_statistics(grads, squares=None, compression="none", square_dtype=None
             s = gathered[j] if gathered is not None else out[len(present) + j]
             sq[i] = tf.cast(s, stat_dtype(grads[i].dtype))
     return mean, sq
+
+
+def _check_same_micro_batches(out, micro_batches, divide):
+    """mean(M²) = mean(M)² on every rank iff all workers use the same M: else every rank raises."""
+    m, m2 = tf.unstack(tf.cast(out[-1], tf.float64) / divide)
+    check = tf.debugging.Assert(tf.abs(m2 - m * m) <= 1e-3 * m * m, [
+        f"micro_batches (backward_passes_per_step) differs between workers: this one has {micro_batches}; "
+        "give every worker the same value. Mean over workers, mean of squares:", m, m2])
+    with tf.control_dependencies([check]):
+        return [tf.identity(t) for t in out[:-1]]
 
 
 def _vr_target(optimizer):
@@ -168,28 +247,31 @@ def _sample(g, optimizer):
 
 @keras.saving.register_keras_serializable(package="hvd_lb")
 class DistributedOptimizer(keras.optimizers.Optimizer):
-    """Wrap a Keras optimizer so that ``apply`` (hence ``model.fit``) all-reduces first.
+    """``horovod.tensorflow.keras.DistributedOptimizer`` for Keras 3: ``apply`` (hence
+    ``model.fit``) all-reduces first. Any Keras 3 optimizer; Horovod's arguments and defaults.
 
-    ``micro_batches = M`` (alias: Horovod's ``backward_passes_per_step``): M calls to
-    ``apply`` accumulate locally, then one all-reduce and one real step of the wrapped
-    optimizer, with k = W·M gradient samples (SPEC §1). Gradients are SUMMED over the
-    micro-batches, as Horovod's ``backward_passes_per_step``: ḡ = mean over workers of
-    Σ_m g_m, s = (1/k)Σx² with x = M·g_m. A ``model.fit`` user whose loss is a
-    per-micro-batch mean scales the loss by 1/M or passes
-    ``average_aggregated_gradients=True`` (Horovod Keras' argument), which steps on
-    ḡ/M and s/M² (SPEC §7). Works with any Keras optimizer (one Average all-reduce per
-    gradient); an ``hvd_lb.tf.GSNR`` (every VR rule), also inside a
-    ``LossScaleOptimizer``, gets s from the same Horovod cycle.
-    ``compression`` (``"none"``/``"fp16"`` or ``hvd.Compression.*``) applies to ḡ only.
-    ``square_dtype`` = the dtype s travels in: None (float32; float64 for float64
-    variables), "float32", "float64" or "bfloat16" (an all-gather of the 16-bit values,
-    used only for ≤ 3 workers, float32 above; SPEC §7). ``process_set``: the Horovod
-    process set to reduce over (default ``hvd.global_process_set``); k counts its size.
+    ``backward_passes_per_step = M`` (alias ``micro_batches``): M calls to ``apply``
+    accumulate locally, then one all-reduce and one real step of the wrapped optimizer,
+    with k = W·M gradient samples (SPEC §1). Gradients are SUMMED over the micro-batches,
+    as Horovod's: ḡ = mean over workers of Σ_m g_m, s = (1/k)Σx² with x = M·g_m;
+    ``average_aggregated_gradients=True`` steps on ḡ/M and s/M² (SPEC §7). An
+    ``hvd_lb.tf.GSNR`` (every VR rule), also inside a ``LossScaleOptimizer``, gets s from
+    the same Horovod cycle. ``compression`` (``hvd.Compression.none``/``.fp16`` or
+    ``"none"``/``"fp16"``) applies to ḡ only. ``op``: hvd.Average or hvd.Sum (Average with
+    GSNR); ``gradient_predivide_factor`` f: 1/f before the sum, f/size after;
+    ``device_dense``: where the all-reduce runs. Gradients always go dense
+    (``sparse_as_dense``), all in one grouped all-reduce, so ``num_groups``/``groups`` (fusion
+    hints) change nothing and are only checked. ``square_dtype`` = the dtype s travels in:
+    None (float32; float64 for float64 variables), "float32", "float64" or "bfloat16" (an
+    all-gather of the 16-bit values, used only for ≤ 3 workers; SPEC §7). ``process_set``:
+    the Horovod process set to reduce over (default ``hvd.global_process_set``); k counts
+    its size. A ``None`` gradient counts as zeros on that rank.
     """
 
-    def __init__(self, optimizer, micro_batches=None, compression="none", square_dtype=None,
-                 average_aggregated_gradients=False, backward_passes_per_step=None, process_set=None,
-                 name=None, **kwargs):
+    def __init__(self, optimizer, name=None, device_dense="", device_sparse="", compression="none",
+                 sparse_as_dense=False, gradient_predivide_factor=1.0, op=AVERAGE,
+                 backward_passes_per_step=None, average_aggregated_gradients=False, num_groups=0,
+                 groups=None, process_set=None, *, micro_batches=None, square_dtype=None, **kwargs):
         if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
                 optimizer, DistributedOptimizer):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer "
@@ -197,12 +279,17 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         micro_batches = _micro_batches(micro_batches, backward_passes_per_step)
         compression, _ = _compressor(compression)
         square_dtype = rules.check_square_dtype(square_dtype)
+        op, predivide = _horovod_args(f"DistributedOptimizer({type(optimizer).__name__})",
+                                      _vr_target(optimizer) is not None, op, gradient_predivide_factor,
+                                      num_groups, groups, device_sparse, sparse_as_dense)
         if not isinstance(average_aggregated_gradients, bool):
             raise ValueError(f"invalid average_aggregated_gradients={average_aggregated_gradients!r}: "
                              "must be True or False")
         if kwargs:
             raise ValueError(f"unknown argument(s) {', '.join(sorted(kwargs))} for DistributedOptimizer: "
-                             "set Keras optimizer arguments on the wrapped optimizer")
+                             "it takes Horovod's arguments (backward_passes_per_step, op, compression, ...) "
+                             "plus micro_batches and square_dtype; set learning_rate and other Keras "
+                             "optimizer arguments on the wrapped optimizer")
         _check_k(optimizer, micro_batches, process_set)
         super().__init__(learning_rate=0.0, name=name or f"distributed_{optimizer.name}")
         self.inner_optimizer = optimizer
@@ -211,6 +298,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.square_dtype = square_dtype
         self.average_aggregated_gradients = average_aggregated_gradients
         self.process_set = process_set
+        self.op, self.gradient_predivide_factor, self.device_dense = op, predivide, device_dense
 
     @property
     def needs_squares(self) -> bool:
@@ -240,10 +328,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
-        grads = [_dense(g) for g in grads]
+        grads = _filled(grads, tvs)
         if self.micro_batches == 1:
-            sq = [None if g is None else tf.square(_sample(g, self.inner_optimizer)) for g in grads] \
-                if self.needs_squares else None
+            sq = [tf.square(_sample(g, self.inner_optimizer)) for g in grads] if self.needs_squares else None
             self._step(grads, sq, tvs)
         else:
             self._accumulate(grads, tvs)
@@ -254,8 +341,6 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         M = self.micro_batches
         idx = [self._get_variable_index(v) for v in tvs]
         for g, i in zip(grads, idx):
-            if g is None:
-                continue
             self._grad_acc[i].assign_add(tf.cast(g, self._grad_acc[i].dtype))
             if self.needs_squares:
                 x = M * _sample(g, self.inner_optimizer)
@@ -263,14 +348,12 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
         def real_step():
             # Local (1/M)Σx = Σg and (1/M)Σx²; averaging over workers gives ḡ and s.
-            local = [None if g is None else tf.convert_to_tensor(self._grad_acc[i].value)
-                     for g, i in zip(grads, idx)]
-            sq = [None if g is None else tf.convert_to_tensor(self._sq_acc[i].value) / M
-                  for g, i in zip(grads, idx)] if self.needs_squares else None
+            local = [tf.convert_to_tensor(self._grad_acc[i].value) for i in idx]
+            sq = [tf.convert_to_tensor(self._sq_acc[i].value) / M for i in idx] if self.needs_squares else None
             if self.average_aggregated_gradients:
                 # Samples x = g_m: ḡ/M and s/M² (SPEC §7).
-                local = [None if g is None else g / M for g in local]
-                sq = None if sq is None else [None if s is None else s / (M * M) for s in sq]
+                local = [g / M for g in local]
+                sq = None if sq is None else [s / (M * M) for s in sq]
             self._step(local, sq, tvs)
             for acc in self._grad_acc + (self._sq_acc if self.needs_squares else []):
                 acc.assign(tf.zeros(acc.shape, acc.dtype))
@@ -279,7 +362,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         tf.cond((self._iterations + 1) % M == 0, real_step, lambda: tf.constant(False))
 
     def _step(self, grads, sq, tvs):
-        mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set)
+        mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set,
+                                     self.micro_batches, self.op, self.gradient_predivide_factor,
+                                     self.device_dense)
         if sq is not None:
             # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
             # every rank, so all ranks skip or step together.
@@ -294,7 +379,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
+        self.inner_optimizer.learning_rate = check_learning_rate(learning_rate, self.name)
 
     @property
     def iterations(self):
@@ -317,7 +402,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
                 "micro_batches": self.micro_batches, "compression": self.compression,
                 "square_dtype": self.square_dtype,
-                "average_aggregated_gradients": self.average_aggregated_gradients}
+                "average_aggregated_gradients": self.average_aggregated_gradients,
+                "op": self.op, "gradient_predivide_factor": self.gradient_predivide_factor}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -328,32 +414,40 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
 
 class DistributedGradientTape:
-    """Wrap a ``tf.GradientTape`` so ``gradient`` returns ḡ, all-reduced over workers.
+    """``horovod.tensorflow.DistributedGradientTape`` for Keras 3: ``gradient`` returns ḡ,
+    all-reduced over workers. Horovod's arguments and defaults (as ``DistributedOptimizer``).
 
-    For an ``optimizer`` that is (or, inside a LossScaleOptimizer, wraps) an
-    ``hvd_lb.tf.GSNR`` (every VR rule), the same Horovod cycle also gives s, handed to
-    its ``set_grad_sq`` (and kept as ``tape.grad_sq``); call ``optimizer.apply`` in the
-    same ``tf.function``. ``micro_batches = M``: pass a list of M micro-batch losses
-    recorded on a ``persistent=True`` tape; their gradients are SUMMED, as Horovod's
-    ``backward_passes_per_step``, with samples x_m = M·g_m (SPEC §1, §7).
+    With an ``hvd_lb.tf.GSNR`` optimizer (every VR rule; also inside a LossScaleOptimizer),
+    the same Horovod cycle gives s = (1/k)Σx², kept as ``tape.grad_sq`` and handed to the
+    optimizer: to ``optimizer`` when given, else to every GSNR that then steps these
+    variables (``opt.apply_gradients`` in the same ``tf.function``, as Horovod's examples
+    do). ``micro_batches = M``: pass a list of M micro-batch losses recorded on a
+    ``persistent=True`` tape; their gradients are SUMMED, as Horovod's
+    ``backward_passes_per_step``, with samples x_m = M·g_m (SPEC §1, §7). A ``None``
+    gradient is returned (and reduced) as zeros, the same tensors on every rank.
     ``compression``, ``square_dtype`` and ``process_set`` as in ``DistributedOptimizer``.
     """
 
-    def __init__(self, tape, optimizer=None, micro_batches=1, compression="none",
-                 square_dtype=None, process_set=None):
-        if not isinstance(tape, tf.GradientTape):
-            raise ValueError(f"invalid tape={tape!r}: must be a tf.GradientTape")
+    def __init__(self, gradtape, device_dense="", device_sparse="", compression="none",
+                 sparse_as_dense=False, op=AVERAGE, gradient_predivide_factor=1.0, num_groups=0,
+                 groups=None, process_set=None, *, optimizer=None, micro_batches=1, square_dtype=None):
+        if not isinstance(gradtape, tf.GradientTape):
+            raise ValueError(f"invalid gradtape={gradtape!r}: must be a tf.GradientTape")
         if optimizer is not None and not isinstance(optimizer, keras.optimizers.Optimizer):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras optimizer or None")
         if isinstance(optimizer, DistributedOptimizer):
             raise ValueError("invalid optimizer: a DistributedOptimizer all-reduces itself; pass the "
                              "plain optimizer to DistributedGradientTape")
-        self._tape = tape
+        self._tape = gradtape
         self._optimizer = optimizer
         self.micro_batches = rules.check_micro_batches(micro_batches)
         self.compression, _ = _compressor(compression)
         self.square_dtype = rules.check_square_dtype(square_dtype)
         self.process_set = process_set
+        self._horovod = (op, gradient_predivide_factor, num_groups, groups, device_sparse, sparse_as_dense)
+        self.op, self.predivide = _horovod_args("DistributedGradientTape", _vr_target(optimizer) is not None,
+                                                *self._horovod)
+        self.device_dense = device_dense
         self.grad_sq = None
         _check_k(optimizer, self.micro_batches, process_set)
 
@@ -367,57 +461,100 @@ class DistributedGradientTape:
     def __exit__(self, *exc):
         return self._tape.__exit__(*exc)
 
+    def _squares(self):
+        """Whether to compute s: for ``optimizer`` if it is a GSNR, else if any GSNR exists."""
+        if self._optimizer is not None:
+            return _vr_target(self._optimizer) is not None
+        if not GSNR.live():
+            return False
+        # Checked here, not at construction: Horovod's signature names no optimizer.
+        _horovod_args("DistributedGradientTape with a GSNR optimizer", True, *self._horovod)
+        _check_k(GSNR.live()[0], self.micro_batches, self.process_set)
+        return True
+
     def gradient(self, target, sources, output_gradients=None,
                  unconnected_gradients=tf.UnconnectedGradients.NONE):
         M = self.micro_batches
         flat = tf.nest.flatten(sources)
-        target_opt = _vr_target(self._optimizer)
-        squares = target_opt is not None
+        squares = self._squares()
         if M == 1:
-            grads = [_dense(g) for g in self._tape.gradient(target, flat, output_gradients,
-                                                            unconnected_gradients)]
-            sq = [None if g is None else tf.square(_sample(g, self._optimizer)) for g in grads] \
-                if squares else None
+            grads = _filled(self._tape.gradient(target, flat, output_gradients, unconnected_gradients), flat)
+            sq = [tf.square(_sample(g, self._optimizer)) for g in grads] if squares else None
         else:
             if not isinstance(target, (list, tuple)) or len(target) != M:
                 raise ValueError(f"invalid target: with micro_batches={M} pass a list of {M} "
                                  "micro-batch losses")
             if not self._tape._persistent:
                 raise ValueError("micro_batches > 1 needs tf.GradientTape(persistent=True)")
-            per = [[_dense(g) for g in self._tape.gradient(t, flat, None, unconnected_gradients)]
-                   for t in target]
-            grads, sq = [], [] if squares else None
-            for i in range(len(flat)):
-                gs = [p[i] for p in per if p[i] is not None]
-                if not gs:
-                    grads.append(None)
-                    if squares:
-                        sq.append(None)
-                    continue
-                grads.append(tf.add_n(gs))  # (1/M)Σ x_m = Σ g_m
-                if squares:
-                    xs = [M * _sample(g, self._optimizer) for g in gs]
-                    sq.append(tf.add_n([x * x for x in xs]) / M)
-        mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set)
+            per = [_filled(self._tape.gradient(t, flat, None, unconnected_gradients), flat) for t in target]
+            grads = [tf.add_n(list(gs)) for gs in zip(*per)]  # (1/M)Σ x_m = Σ g_m
+            sq = [tf.add_n([tf.square(M * _sample(g, self._optimizer)) for g in gs]) / M
+                  for gs in zip(*per)] if squares else None
+        mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set, M,
+                                     self.op, self.predivide, self.device_dense)
         self.grad_sq = sq
         if squares:
-            target_opt.set_grad_sq(sq)
+            if self._optimizer is not None:
+                _vr_target(self._optimizer).set_grad_sq(sq)
+            else:
+                GSNR.offer_grad_sq(flat, sq)
         return tf.nest.pack_sequence_as(sources, mean)
+
+
+def PartialDistributedGradientTape(gradtape, device_dense="", device_sparse="", compression="none",
+                                   sparse_as_dense=False, op=AVERAGE, gradient_predivide_factor=1.0,
+                                   num_groups=0, groups=None, process_set=None, local_layers=None, **kwargs):
+    """Horovod's ``PartialDistributedGradientTape``: gradients of ``local_layers`` stay local.
+
+    Only without local layers (then it is ``DistributedGradientTape``): worker-local
+    gradients would leave GSNR without samples and need a second reduction list.
+    """
+    if local_layers:
+        raise ValueError(f"invalid local_layers={local_layers!r}: hvd_lb.tf reduces every gradient; use "
+                         "horovod.tensorflow.PartialDistributedGradientTape for worker-local layers")
+    return DistributedGradientTape(gradtape, device_dense, device_sparse, compression, sparse_as_dense, op,
+                                   gradient_predivide_factor, num_groups, groups, process_set, **kwargs)
 
 
 def _unwrap(variables):
     return [v.value if isinstance(v, keras.Variable) else v for v in variables]
 
 
-def broadcast_variables(variables, root_rank=0):
-    """``hvd.broadcast_variables`` that accepts Keras 3 variables (and tf.Variables)."""
+_broadcasts = itertools.count()  # one prefix per broadcast call, the same sequence on every rank
+
+
+def broadcast_variables(variables, root_rank=0, process_set=None):
+    """``hvd.broadcast_variables`` that accepts Keras 3 variables (and tf.Variables).
+
+    Matched by position in ``variables``, never by name: a model restored with
+    ``load_model`` on rank 0 only and a freshly built one elsewhere name their variables
+    differently (issue 12). Every rank first checks that all hold the same number of
+    variables (one small all-gather), and raises if not, instead of hanging.
+    """
     hvd = _hvd()
+    process_set = _process_set(process_set)
     if isinstance(root_rank, bool) or not isinstance(root_rank, int) or not 0 <= root_rank < hvd.size():
         raise ValueError(f"invalid root_rank={root_rank!r}: must be an integer in [0, {hvd.size() - 1}]")
     variables = _unwrap(variables)
-    if hvd.size() > 1 and variables:
-        hvd.broadcast_variables(variables, root_rank)
+    if process_set.size() == 1:
+        return
+    call = next(_broadcasts)
+
+    def run():
+        n = tf.constant([len(variables)], tf.int32)
+        counts = hvd.allgather(n, process_set=process_set, name=f"hvd_lb_bcast_{call}_count",
+                               ignore_name_scope=True)
+        check = tf.debugging.Assert(tf.reduce_all(counts == n[0]), [
+            f"broadcast_variables: the workers hold different numbers of variables (this one "
+            f"{len(variables)}): build the same model and optimizer on every rank; counts:", counts])
+        with tf.control_dependencies([check]):
+            for i, v in enumerate(variables):
+                v.assign(hvd.broadcast(v, root_rank, name=f"hvd_lb_bcast_{call}_{i}", ignore_name_scope=True,
+                                       process_set=process_set))
+
+    tf.function(run)() if tf.executing_eagerly() else run()
 
 
-__all__ = ["DistributedOptimizer", "DistributedGradientTape", "broadcast_variables",
+__all__ = ["DistributedOptimizer", "DistributedGradientTape", "PartialDistributedGradientTape",
+           "broadcast_variables",
            "reduce_statistics", "stat_dtype"]

@@ -5,6 +5,7 @@ optimizer"). The maths is ``hvd_lb.formulas.gsnr_ratio``/``gsnr_scale`` on TF te
 """
 from __future__ import annotations
 
+import weakref
 from fnmatch import fnmatchcase
 from typing import Dict, List
 
@@ -15,6 +16,7 @@ from keras.src.utils import tracking
 
 from .. import formulas as F
 from .. import grouping, rules
+from ._args import check_learning_rate
 from ._ops import B, stat_dtype, variable_path
 
 
@@ -23,6 +25,15 @@ class _Scratch:
 
     pending_sq = None
     stats = None
+
+
+def _key(v):
+    """One key for a Keras variable and the tf.Variable behind it."""
+    return id(v.value if isinstance(v, keras.Variable) else v)
+
+
+_LIVE = weakref.WeakSet()  # every GSNR, so a tape told of no optimizer knows to compute s
+_OFFERED = {}  # variable key → s from the last DistributedGradientTape(tape) without optimizer=
 
 
 @keras.saving.register_keras_serializable(package="hvd_lb")
@@ -69,6 +80,19 @@ class GSNR(keras.optimizers.Optimizer):
         self.gamma, self.momentum = gamma, momentum
         self._exclude = exclude
         self._io = _Scratch()
+        _LIVE.add(self)
+
+    @staticmethod
+    def live() -> List["GSNR"]:
+        """The GSNR optimizers alive in this process."""
+        return list(_LIVE)
+
+    @staticmethod
+    def offer_grad_sq(variables, grad_sq):
+        """s for ``variables``, taken by the next GSNR ``apply`` that steps them (a tape
+        written as Horovod's examples, ``DistributedGradientTape(tape)``, names no optimizer)."""
+        for v, s in zip(variables, grad_sq):
+            _OFFERED[_key(v)] = s
 
     @tracking.no_automatic_dependency_tracking
     def build(self, variables):
@@ -93,7 +117,7 @@ class GSNR(keras.optimizers.Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = learning_rate
+        self.inner_optimizer.learning_rate = check_learning_rate(learning_rate, self.name)
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
@@ -112,15 +136,17 @@ class GSNR(keras.optimizers.Optimizer):
         grads = list(grads)
         if len(grads):
             sq, self._io.pending_sq = self._io.pending_sq, None
+            tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
+            if sq is None and all(_key(v) in _OFFERED for v in tvs):
+                sq = [_OFFERED.pop(_key(v)) for v in tvs]
             if sq is None:
                 raise ValueError(
                     f"optimizer '{self.name}' needs the mean of squared gradient samples (SPEC §1): "
                     "wrap it in hvd_lb.tf.DistributedOptimizer, use "
-                    "hvd_lb.tf.DistributedGradientTape(tape, optimizer=opt), or call "
+                    "hvd_lb.tf.DistributedGradientTape(tape), or call "
                     "opt.set_grad_sq(squares) before apply")
             if len(sq) != len(grads):
                 raise ValueError(f"invalid grad_sq: {len(sq)} tensors for {len(grads)} gradients")
-            tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
             # Keyed by variable: Keras filters None gradients and clips ḡ before
             # _backend_update_step; r is computed on the unclipped statistics.
             self._io.stats = {self._var_key(v): (g, s) for g, s, v in zip(grads, sq, tvs) if g is not None}

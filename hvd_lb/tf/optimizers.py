@@ -21,6 +21,7 @@ from keras.src.utils import tracking
 
 from .. import formulas as F
 from .. import grouping, rules
+from ._args import check_keras, check_learning_rate
 from ._ops import B, _like, variable_path
 from .gsnr import GSNR
 
@@ -54,9 +55,10 @@ def _arguments(rule: rules.Rule, learning_rate, kwargs) -> Tuple[Dict, Any, Dict
         raise ValueError(
             f"unknown argument(s) {', '.join(unknown)} for optimizer '{rule.name}': valid "
             f"hyperparameters are learning_rate, {', '.join(valid)}")
-    hp = rules.from_keras(kwargs)
     if learning_rate is None:
         learning_rate = rule.defaults["lr"]
+    check_keras(rule, dict(kwargs, **({} if callable(learning_rate) else {"learning_rate": learning_rate})))
+    hp = rules.from_keras(kwargs)
     if not callable(learning_rate):
         hp["lr"] = learning_rate
     hp = rules.validate(rule.name, hp)
@@ -99,6 +101,15 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
     @property
     def rule(self) -> rules.Rule:
         return self._rule
+
+    @property
+    def learning_rate(self):
+        return self._get_current_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        # A NaN or negative rate set later is caught here, on the Python value (issue 12).
+        keras.optimizers.Optimizer.learning_rate.fset(self, check_learning_rate(learning_rate, self._rule.name))
 
     @property
     def hyperparameters(self) -> Dict:
