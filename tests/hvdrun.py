@@ -1,8 +1,9 @@
-"""Run a Python script under real ``horovodrun`` in a subprocess, with a timeout."""
+"""Run a Python script under real ``horovodrun`` (or ``torchrun``, ``mpirun``) in a subprocess, with a timeout."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,27 @@ def run_horovod(args, np: int = 2, controller: str = "gloo", timeout: float = 24
     if controller == "mpi":
         cmd += ["--mpi-args=--oversubscribe"]
     cmd += [sys.executable, *map(str, args)]
+    return run_command(cmd, timeout, out_dir)
+
+
+def run_torchrun(args, np: int = 2, timeout: float = 240, out_dir=None):
+    """``torchrun --standalone --nproc_per_node N ARGS`` (ARGS: script and its arguments)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(np),
+           *map(str, args)]
+    return run_command(cmd, timeout, out_dir)
+
+
+def run_mpirun(args, np: int = 2, timeout: float = 240, out_dir=None):
+    """``mpirun -np N python ARGS`` (plain Open MPI, no horovodrun)."""
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("mpirun not installed in this environment (run scripts/install.sh)")
+    cmd = [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none", sys.executable, *map(str, args)]
+    return run_command(cmd, timeout, out_dir)
+
+
+def run_command(cmd, timeout: float, out_dir=None):
+    """Run ``cmd`` with ``horovod_env()``; fail the test with its output on an error or a timeout."""
     try:
         proc = subprocess.run(cmd, cwd=out_dir or ROOT, env=horovod_env(), capture_output=True,
                               text=True, timeout=timeout)

@@ -5,15 +5,17 @@
 ``Compression``, ``Average``/``Sum``/``Adasum``, process sets, ``join``, ``elastic``, …),
 with ``DistributedOptimizer`` a superset of Horovod's, plus hvd_lb's own: every rule of
 docs/SPEC.md §4 as a torch optimizer (``create``, ``SGD`` … ``VRTVLARS``) and the GSNR
-transform in front of any optimizer (``GSNR``).
+transform in front of any optimizer (``GSNR``); ``ddp.register`` gives it the same statistics
+under torchrun/``DistributedDataParallel``, without Horovod.
 """
 from .optimizers import OPTIMIZERS, KERNELS, LargeBatchOptimizer, create, register
 from .gsnr import GSNR, GSNRTransform
 from .lr_scheduler import WarmupDecayLR, scaled_lr, tvlars_delay_steps
 from .distributed import DistributedOptimizer
+from . import ddp
 
 _OWN = ["OPTIMIZERS", "KERNELS", "LargeBatchOptimizer", "create", "register", "GSNR", "GSNRTransform",
-        "WarmupDecayLR", "scaled_lr", "tvlars_delay_steps", "DistributedOptimizer"]
+        "WarmupDecayLR", "scaled_lr", "tvlars_delay_steps", "DistributedOptimizer", "ddp"]
 
 
 def _horovod():

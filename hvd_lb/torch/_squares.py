@@ -1,0 +1,76 @@
+"""Local pieces of s = (1/k)Σx² (docs/SPEC.md §1) shared by the Horovod and DDP paths.
+
+* ``MicroBatchSquares``: Σ_m g_m² per tensor over a worker's M micro-batches, where
+  g_m = p.grad after the m-th backward minus p.grad before it.
+* ``follow_rescale``: s after a uniform rescaling of ḡ (GradScaler's unscale, norm clipping).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def work_dtype(dtype: torch.dtype, square_dtype=None) -> torch.dtype:
+    """float32, or float64 for float64 parameters or ``square_dtype="float64"`` (SPEC §1)."""
+    return torch.float64 if dtype == torch.float64 or square_dtype == "float64" else torch.float32
+
+
+class MicroBatchSquares:
+    """Σ_m g_m² per parameter, in the working dtype; buffers are reused across steps."""
+
+    def __init__(self):
+        self.acc = {}    # p → Σ_m g_m² so far
+        self.count = {}  # p → micro-batches accumulated in acc this step
+        self.prev = {}   # p → p.grad after the previous micro-batch
+
+    def add(self, p, grad: torch.Tensor, dtype: torch.dtype, keep_prev: bool) -> int:
+        """Add (grad − p.grad before)²; ``keep_prev`` when another micro-batch follows.
+
+        ``grad`` is p.grad after this backward (zero_grad() before the first).
+        Returns the number of micro-batches accumulated so far.
+        """
+        wide = grad.to(dtype)
+        prev = self.prev.pop(p, None)
+        g_m = wide if prev is None else wide - prev
+        acc = self.acc.get(p)
+        if acc is None or acc.shape != wide.shape or acc.dtype != wide.dtype:
+            acc = self.acc[p] = torch.empty_like(wide)
+        n = self.count.get(p, 0)
+        if n == 0:
+            torch.mul(g_m, g_m, out=acc)
+        else:
+            acc.addcmul_(g_m, g_m)
+        self.count[p] = n + 1
+        if keep_prev:
+            # p.grad is accumulated in place by the next backward: keep a copy.
+            self.prev[p] = wide.clone() if wide is grad else wide
+        return n + 1
+
+    def take(self, p, micro_batches: int):
+        """This worker's share of s, (1/M)Σ_m (M·g_m)² = M·Σ_m g_m² (None if no backward reached p).
+
+        The returned tensor is the reused buffer: consume it before the next ``add``.
+        """
+        self.prev.pop(p, None)
+        if not self.count.pop(p, 0):
+            return None
+        acc = self.acc[p]
+        return acc.mul_(micro_batches) if micro_batches > 1 else acc
+
+    def clear(self) -> None:
+        self.count.clear()
+        self.prev.clear()
+
+
+def follow_rescale(s: torch.Tensor, grad: torch.Tensor, norm0: torch.Tensor) -> torch.Tensor:
+    """s · (‖grad‖/‖ḡ‖)², in place; ``norm0`` = ‖ḡ‖ (float64) when s was reduced.
+
+    Every sample is rescaled alike by GradScaler's unscale or norm clipping, so s
+    follows ḡ with the square of the factor (1 where ḡ was zero).  Norms are float64:
+    ‖ḡ‖ of a scaled float32 gradient may overflow float32 (inf/inf).
+    """
+    n1 = torch.linalg.vector_norm(grad, dtype=torch.float64)
+    ratio = torch.where(norm0 > 0, n1 / torch.where(norm0 > 0, norm0, 1.0), 1.0)
+    return s.mul_((ratio * ratio).to(s.dtype))
+
+
+__all__ = ["MicroBatchSquares", "follow_rescale", "work_dtype"]
