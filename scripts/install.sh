@@ -17,7 +17,7 @@ if [ "${HOROVOD_GPU_OPERATIONS:-}" = NCCL ]; then
 else
   TF_SPEC="${HVD_LB_TF_SPEC:-tensorflow-cpu==$TF_VERSION}"
 fi
-PY_DEPS="numpy pytest pytest-timeout cffi psutil pyyaml cloudpickle packaging wheel setuptools matplotlib tqdm"
+PY_DEPS="numpy pytest pytest-timeout cffi psutil pyyaml cloudpickle packaging wheel setuptools matplotlib tqdm mpi4py"
 VENV="${HVD_LB_VENV:-$ROOT/.venv}"
 CACHE="${HVD_LB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hvd_lb}"
 APT_PACKAGES="openmpi-bin libopenmpi-dev"
