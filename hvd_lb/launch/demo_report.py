@@ -180,7 +180,7 @@ def plot(config: Dict, raw: List[Dict], rows: List[Dict], path: str) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5.2))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 6.6))
     colors = plt.get_cmap("tab10")
     bases = []
     for r in rows:
@@ -201,16 +201,17 @@ def plot(config: Dict, raw: List[Dict], rows: List[Dict], path: str) -> None:
         if not r["curve"]:
             continue
         c = 100 * np.array(r["curve"])
-        ax1.plot(np.arange(1, len(c) + 1), c, label=f"{_label(r)} (lr {r['best_lr']:.3g})", **style(r))
+        ax1.plot(np.arange(1, len(c) + 1), c, label=f"{_label(r)}: lr {r['best_lr']:.3g}, {c.max():.1f} %",
+                 **style(r))
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("test accuracy (%)")
     base = rows[0] if rows and rows[0]["row"] == "baseline" and rows[0]["curve"] else None
     top = 100 * max((max(r["curve"]) for r in rows if r["curve"]), default=1.0)
-    ax1.set_ylim(max(0.0, top - 25), top + 1.5)
+    ax1.set_ylim(max(0.0, top - 25), top + 1.5)  # rows far below are still in the legend
     ax1.set_title(f"(a) test accuracy, best stable rate; batch {config['batch_size']} vs "
                   f"{config['base_batch']} (dashed)", fontsize=10)
     ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=7, loc="lower right")
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
 
     # (b) best accuracy vs learning-rate multiplier (relative to the base rule's scaled rate)
     specs = {r["row"]: r for r in config["rows"]}
@@ -238,7 +239,8 @@ def plot(config: Dict, raw: List[Dict], rows: List[Dict], path: str) -> None:
     ax2.set_ylabel("best test accuracy (%), mean over seeds")
     ax2.set_title("(b) stability: accuracy vs learning rate (× = unstable)", fontsize=10)
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=7, loc="lower left")
+    ax2.set_ylim(0, 100)
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
 
     # (c) GSNR over training: per-tensor mean GSNR of every step, VR rows at their best rate
     any_vr = False
@@ -263,7 +265,7 @@ def plot(config: Dict, raw: List[Dict], rows: List[Dict], path: str) -> None:
     if any_vr:
         ax3.set_xlabel("epoch")
         ax3.set_ylabel("log10 per-tensor mean GSNR (10–90 % band)")
-        ax3.legend(fontsize=7)
+        ax3.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     else:
         ax3.text(0.5, 0.5, "no VR row run", ha="center", va="center")
     ax3.set_title(f"(c) GSNR over training (k = {config['k']}, docs/SPEC.md §2)", fontsize=10)
