@@ -205,3 +205,17 @@ def test_param_group_added_after_wrapping_is_reduced(compat):
     for _ in range(2):
         ref.step_samples([[np.arange(3.0) * (r + 1)] for r in range(2)])
     assert_params([w], ref.params, 1e-12, "added group")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["vr-sgd", "sgd"])
+def test_skip_nonfinite_skips_together(compat, name):
+    """An inf on one rank: every rank skips that step, state untouched, one warning."""
+    params = _same_on_ranks(compat, f"skip/{name}")
+    assert _same_on_ranks(compat, f"skip/{name}/count") == 1
+    assert compat[0][f"skip/{name}/warnings"] == 1
+    ref = _ref(name)
+    for step in range(1, worker.STEPS + 1):
+        if step != 3:
+            ref.step_samples(_samples(step, 2, 2))
+    assert_params(params, ref.params, 1e-10, name)

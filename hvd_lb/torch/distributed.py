@@ -218,6 +218,8 @@ class _DistributedVR(torch.optim.Optimizer):
                     ratio = torch.where(n0 > 0, n1 / torch.where(n0 > 0, n0, 1.0), 1.0)
                     s = s.mul_((ratio * ratio).to(s.dtype))
                 sq.append(s)
+        if self.skip_nonfinite and _skip(self, [t for t in sq if t is not None]):
+            return None
         self.set_grad_sq(sq)
         # s is this wrapper's buffer (or a fresh tensor): the transform may overwrite it.
         self._gsnr_sq_owned = True
@@ -250,6 +252,47 @@ class _DistributedVR(torch.optim.Optimizer):
         super(self.__class__, self).load_state_dict(*args, **kwargs)
 
 
+SKIP_WARN_EVERY = 100
+
+
+def _skip(opt, extra=()) -> bool:
+    """``skip_nonfinite``: True (and the step is skipped) when ḡ or s has a non-finite element.
+
+    ḡ and s are already all-reduced, so every rank sees the same values and skips together
+    without communicating. Costs one pass over them and one host sync, hence opt-in.
+    """
+    tensors = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None] + list(extra)
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return False
+    opt.skipped_steps += 1
+    if opt.skipped_steps % SKIP_WARN_EVERY == 1:
+        warnings.warn(f"hvd_lb: non-finite averaged gradient or squares: step skipped on every rank "
+                      f"({opt.skipped_steps} skipped so far; optimizer state untouched)")
+    return True
+
+
+def _with_skip(wrapped):
+    """Horovod's own wrapper (no GSNR) with ``skip_nonfinite``: an instance-level step.
+
+    Horovod's class calls ``super(self.__class__, self)``, so it cannot be subclassed again.
+    """
+    cls_step = type(wrapped).step
+
+    def step(self, closure=None):
+        if self._should_synchronize and not self._synchronized:
+            self.synchronize()
+        if _skip(self):
+            self._synchronized = False
+            return None
+        with self.skip_synchronize():
+            out = cls_step(self, closure)
+        self._synchronized = False
+        return out
+
+    wrapped.step = step.__get__(wrapped)
+    return wrapped
+
+
 def _names(opt, named_parameters):
     """Horovod's checks: (name, tensor) tuples, unique names, every parameter named."""
     if named_parameters is None:
@@ -274,7 +317,7 @@ def _names(opt, named_parameters):
 def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, backward_passes_per_step=None,
                          op=_UNSET, gradient_predivide_factor=1.0, num_groups=0, groups=None,
                          sparse_as_dense=False, process_set=_UNSET, *, micro_batches=None,
-                         square_dtype=None):
+                         square_dtype=None, skip_nonfinite=False):
     """``horovod.torch.DistributedOptimizer`` with s for the GSNR transform (docs/SPEC.md §1).
 
     Takes Horovod's arguments with Horovod's defaults, and any torch optimizer:
@@ -300,6 +343,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     * ``square_dtype`` (GSNR only): None or ``"float32"`` (float32; float64 for float64
       parameters), ``"float64"``, or ``"bfloat16"`` where that is fewer bytes
       (``rules.square_wire_dtype``); torch dtypes are accepted too.
+    * ``skip_nonfinite``: skip the step on every rank together when the averaged ḡ (or s)
+      has a NaN/inf element, leaving the optimizer state untouched; counted in
+      ``opt.skipped_steps``, one warning per 100 skips. Off by default: it costs one pass
+      over the gradients and a host sync per step (no communication: ḡ and s are reduced).
 
     Returns an optimizer of the same class with ``synchronize()``, ``skip_synchronize()``
     and, with GSNR, ``gsnr_diagnostics()``.
@@ -322,6 +369,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
             or not 0 < gradient_predivide_factor < float("inf"):
         raise ValueError(f"invalid gradient_predivide_factor={gradient_predivide_factor!r}: must be in (0, inf)")
     square_dtype = rules.check_square_dtype(square_dtype)
+    if not isinstance(skip_nonfinite, bool):
+        raise ValueError(f"invalid skip_nonfinite={skip_nonfinite!r}: must be True or False")
     names = None
     if named_parameters is not None:
         named_parameters = list(named_parameters)
@@ -339,7 +388,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
             wrapped._param_names = {p: n for n, p in named_parameters}
         elif names:
             wrapped._param_names = names
-        return wrapped
+        wrapped.skip_nonfinite, wrapped.skipped_steps = skip_nonfinite, 0
+        return _with_skip(wrapped) if skip_nonfinite else wrapped
 
     rules.check_gsnr_op(op, type(optimizer).__name__)
     if num_groups or groups is not None:
@@ -364,6 +414,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     wrapped.defaults.update(optimizer.defaults)
     for group in wrapped.param_groups:
         wrapped._init_gsnr_state(group)
+    wrapped.skip_nonfinite, wrapped.skipped_steps = skip_nonfinite, 0
     return wrapped
 
 

@@ -270,6 +270,24 @@ def mode_misuse(hvd, lbt, _names):
         opt.step()
         opt.zero_grad()
     out["added_group"] = _dump(extra)
+
+    # skip_nonfinite: an inf on rank 1 at step 3 skips that step on every rank together.
+    for name in ("vr-sgd", "sgd"):
+        params = _leaves(init_params())
+        opt = lbt.DistributedOptimizer(lbt.create(name, params), micro_batches=2, skip_nonfinite=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, STEPS + 1):
+                for m in range(2):
+                    g = micro_grads(step, rank, m, 2)
+                    if step == 3 and rank == 1 and m == 0:
+                        g[0][0, 0] = np.inf
+                    _backward(params, g)
+                opt.step()
+                opt.zero_grad()
+        out[f"skip/{name}"] = [_dump(p) for p in params]
+        out[f"skip/{name}/count"] = opt.skipped_steps
+        out[f"skip/{name}/warnings"] = sum("skipped" in str(w.message) for w in caught)
     return out
 
 
