@@ -13,6 +13,7 @@ from typing import List, Optional
 
 from . import demo
 from .horovodrun import UsageError, build_run_command, horovodrun_path
+from .launchers import LAUNCHERS, build_launch_command
 
 
 # --- run ---------------------------------------------------------------------------
@@ -22,8 +23,13 @@ def cmd_run(args) -> int:
     if command and command[0] == "--":
         command = command[1:]
     controller = "gloo" if args.gloo else "mpi" if args.mpi else None
-    cmd, env, threads = build_run_command(args.np, args.hosts, controller, command, args.threads,
-                                          args.fusion_threshold_mb, args.cycle_time_ms, [])
+    if args.launcher != "horovodrun":
+        if controller:
+            raise UsageError(f"invalid --{controller} with --launcher {args.launcher}: it is a horovodrun option")
+        cmd, env = build_launch_command(args.launcher, args.np, args.hosts, command, args.threads)
+    else:
+        cmd, env, threads = build_run_command(args.np, args.hosts, controller, command, args.threads,
+                                              args.fusion_threshold_mb, args.cycle_time_ms, [])
     print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
@@ -119,7 +125,10 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvd-lb", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     demo.add_arguments(sub.add_parser("demo", help="large-batch Fashion-MNIST: base vs VR optimizers"))
-    r = sub.add_parser("run", help="horovodrun with sensible defaults; prints the command")
+    r = sub.add_parser("run", help="horovodrun (or mpirun, torchrun) with sensible defaults; prints the command")
+    r.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun",
+                   help="horovodrun (default), mpirun (Horovod without horovodrun, e.g. with mpi4py) "
+                        "or torchrun (DDP with hvd_lb.torch.ddp, no Horovod)")
     r.add_argument("-np", "--num-proc", dest="np", type=int, required=True)
     r.add_argument("-H", "--hosts", default=None, help="host:slots,... (default localhost:NP)")
     g = r.add_mutually_exclusive_group()
