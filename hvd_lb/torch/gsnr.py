@@ -241,11 +241,14 @@ def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, owned):
     through formulas' own expressions.  ``owned``: ``ss`` may be overwritten.
     """
     n = torch.tensor([g.numel() for g in gs], dtype=gs[0].dtype, device=gs[0].device)
-    r = torch._foreach_mul(gs, gs)                            # ḡ², becomes r_raw, r̃, r, ĝ in place
-    scratch = torch._foreach_mul(ss, eps_w)                   # ε_w·s
+    # One list beside s at any time (s itself is reused when ``owned``): r holds ε_w·s, then
+    # ḡ², r_raw, r̃, r and finally ĝ; var is reused for the clipped count.
+    r = torch._foreach_mul(ss, eps_w)                         # ε_w·s
     var = ss if owned else [s.clone() for s in ss]
-    torch._foreach_sub_(var, r)
-    torch._foreach_maximum_(var, scratch)                     # var = max(s − ḡ², ε_w·s)
+    torch._foreach_addcmul_(var, gs, gs, value=-1.0)          # s − ḡ²
+    torch._foreach_maximum_(var, r)                           # var = max(s − ḡ², ε_w·s)
+    torch._foreach_copy_(r, gs)
+    torch._foreach_mul_(r, gs)                                # ḡ²
     delta = formulas.DELTA_REL * (_sums(var) / n) + formulas.DELTA_ABS
     torch._foreach_add_(var, _scalars(delta))
     torch._foreach_div_(r, var)                               # r_raw
@@ -253,11 +256,12 @@ def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, owned):
     zero = mu == 0
     torch._foreach_div_(r, _scalars(torch.where(zero, torch.ones_like(mu), mu)))
     torch._foreach_add_(r, _scalars(zero.to(mu.dtype)))      # r̃ = 1 where μ_r = 0 (r_raw ≡ 0 there)
-    torch._foreach_copy_(scratch, r)
-    torch._foreach_sub_(scratch, gamma)
-    torch._foreach_clamp_max_(scratch, 0.0)
-    torch._foreach_sign_(scratch)                             # −1 exactly where r̃ < γ
-    clipped = _sums(scratch) / n
+    below = var                                               # free now: the clipped count's scratch
+    torch._foreach_copy_(below, r)
+    torch._foreach_sub_(below, gamma)
+    torch._foreach_clamp_max_(below, 0.0)
+    torch._foreach_sign_(below)                               # −1 exactly where r̃ < γ
+    clipped = _sums(below) / n
     torch._foreach_clamp_min_(r, gamma)
     torch._foreach_clamp_max_(r, 1.0)                         # r = clip(r̃, γ, 1)
     if b3 == 0.0:
