@@ -80,6 +80,8 @@ def test_run_prints_the_command_with_defaults():
     out = proc.stdout
     assert "OMP_NUM_THREADS=" in out and "-np 2 -H localhost:2 --gloo" in out
     assert "--fusion-threshold-mb 64" in out and out.strip().endswith("python train.py")
+    # `python` is the interpreter hvd_lb runs in, not the first one on PATH.
+    assert f"{sys.executable} train.py" in out
 
 
 def test_doctor_without_horovod_says_so_and_how_to_fix(tmp_path):

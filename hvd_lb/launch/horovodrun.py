@@ -16,6 +16,13 @@ def horovodrun_path() -> Optional[str]:
     return local if os.path.exists(local) else shutil.which("horovodrun")
 
 
+def resolve_python(command: List[str]) -> List[str]:
+    """``python``/``python3`` → the interpreter hvd_lb runs in, not whichever is first on PATH."""
+    if command and command[0] in ("python", "python3"):
+        return [sys.executable] + command[1:]
+    return command
+
+
 def build_run_command(np_: int, hosts: Optional[str], controller: Optional[str], command: List[str],
                       threads: Optional[int], fusion_mb: float, cycle_ms: float,
                       extra: List[str]) -> tuple:
@@ -37,8 +44,10 @@ def build_run_command(np_: int, hosts: Optional[str], controller: Optional[str],
     if controller:
         cmd.append(f"--{controller}")
     cmd += ["--fusion-threshold-mb", f"{fusion_mb:g}", "--cycle-time-ms", f"{cycle_ms:g}"]
-    cmd += extra + command
+    cmd += extra + resolve_python(command)
     env = dict(os.environ)
+    # Workers (and their own subprocesses) find this installation's python first.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("TF_NUM_INTRAOP_THREADS", str(threads))
     env.setdefault("TF_NUM_INTEROP_THREADS", "1")
