@@ -99,6 +99,13 @@ def test_ddp_checkpoint_resume_equals_uninterrupted(ddp_ranks, name):
 
 
 @pytest.mark.multiprocess
+def test_ddp_no_sync_pass_with_micro_batches_1_raises(ddp_ranks):
+    """micro_batches=1 and a no_sync() pass: two samples where k counts one."""
+    for r in ddp_ranks:
+        assert "more than micro_batches=1 backward passes" in r["m1_twice_error"]
+
+
+@pytest.mark.multiprocess
 def test_ddp_k_counts_the_process_group(ddp_ranks):
     for r in ddp_ranks:
         assert "k = 1 × 1 = 1" in r["k1_error"]
@@ -197,12 +204,14 @@ def test_micro_batches_without_no_sync_raise(one_process):
         _steps(model, opt, 2, steps=1, sync_every=True)
 
 
-def test_too_many_backward_passes_raise(one_process):
+@pytest.mark.parametrize("M", [2, 3])
+def test_too_many_backward_passes_raise(one_process, M):
+    """M + 1 passes (M under no_sync) would be one sample more than k counts."""
     model = DDP(ddp_worker.Toy())
     opt = lbt.create("vr-sgd", model.module)
-    lb_ddp.register(model, opt, micro_batches=2)
-    with pytest.raises(RuntimeError, match="more than micro_batches=2 backward passes"):
-        _steps(model, opt, 3, steps=1)
+    lb_ddp.register(model, opt, micro_batches=M)
+    with pytest.raises(RuntimeError, match=f"more than micro_batches={M} backward passes"):
+        _steps(model, opt, M + 1, steps=1)
 
 
 def test_bfloat16_parameters_send_two_all_reduces(one_process):

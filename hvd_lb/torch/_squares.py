@@ -2,7 +2,8 @@
 
 * ``MicroBatchSquares``: Σ_m g_m² per tensor over a worker's M micro-batches, where
   g_m = p.grad after the m-th backward minus p.grad before it.
-* ``follow_rescale``: s after a uniform rescaling of ḡ (GradScaler's unscale, norm clipping).
+* ``norms`` and ``follow_rescale``: s after a uniform rescaling of ḡ (GradScaler's unscale,
+  norm clipping).
 """
 from __future__ import annotations
 
@@ -61,16 +62,30 @@ class MicroBatchSquares:
         self.prev.clear()
 
 
-def follow_rescale(s: torch.Tensor, grad: torch.Tensor, norm0: torch.Tensor) -> torch.Tensor:
-    """s · (‖grad‖/‖ḡ‖)², in place; ``norm0`` = ‖ḡ‖ (float64) when s was reduced.
+def norms(tensors):
+    """‖t‖ per tensor as float64 0-dim tensors: one pass in float32 or wider, float64 only on overflow.
+
+    A float64 norm of a float32 tensor costs a float64 copy of it; the float32 norm is
+    exact enough for a ratio and overflows only where ‖t‖ > 3.4e38 (a scaled gradient).
+    """
+    if not tensors:
+        return []
+    out = [n.double() for n in torch._foreach_norm(
+        [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors], 2)]
+    if not bool(torch.isfinite(torch.stack(out)).all()):
+        out = [n if torch.isfinite(n) else torch.linalg.vector_norm(t, dtype=torch.float64)
+               for n, t in zip(out, tensors)]
+    return out
+
+
+def follow_rescale(s: torch.Tensor, norm1: torch.Tensor, norm0: torch.Tensor) -> torch.Tensor:
+    """s · (norm1/norm0)², in place: norm0 = ‖ḡ‖ when s was reduced, norm1 = ‖p.grad‖ at the step.
 
     Every sample is rescaled alike by GradScaler's unscale or norm clipping, so s
-    follows ḡ with the square of the factor (1 where ḡ was zero).  Norms are float64:
-    ‖ḡ‖ of a scaled float32 gradient may overflow float32 (inf/inf).
+    follows ḡ with the square of the factor (1 where ḡ was zero).
     """
-    n1 = torch.linalg.vector_norm(grad, dtype=torch.float64)
-    ratio = torch.where(norm0 > 0, n1 / torch.where(norm0 > 0, norm0, 1.0), 1.0)
+    ratio = torch.where(norm0 > 0, norm1 / torch.where(norm0 > 0, norm0, 1.0), 1.0)
     return s.mul_((ratio * ratio).to(s.dtype))
 
 
-__all__ = ["MicroBatchSquares", "follow_rescale", "work_dtype"]
+__all__ = ["MicroBatchSquares", "follow_rescale", "norms", "work_dtype"]

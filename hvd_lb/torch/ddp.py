@@ -37,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import rules
-from ._squares import MicroBatchSquares, follow_rescale, work_dtype
+from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
 from .gsnr import GSNRTransform
 
 
@@ -53,14 +53,12 @@ class DDPStatistics:
         self.gsnr = isinstance(optimizer, GSNRTransform)
         self._squares = MicroBatchSquares()
         self._stats = {}  # p → s (a view into the bucket's reduced tensor)
-        self._norms = {}  # p → ‖ḡ‖ in float64, to follow later rescaling
+        self._norms = {}  # p → ‖ḡ‖, to follow later rescaling
         if not self.gsnr:
             return
-        if micro_batches > 1:
-            # Only with micro-batches: for M = 1 the squares are taken from the bucket itself.
-            for p in model.module.parameters():
-                if p.requires_grad:
-                    p.register_post_accumulate_grad_hook(self._accumulate)
+        for p in model.module.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._accumulate)
         model.register_comm_hook(self, _comm_hook)
         optimizer.register_step_pre_hook(self._pre_step)
 
@@ -73,16 +71,27 @@ class DDPStatistics:
             raise RuntimeError(
                 f"more than micro_batches={self.micro_batches} backward passes before DDP synchronised: "
                 "run micro_batches − 1 micro-batches inside model.no_sync() and the last one outside")
-        self._squares.add(p, p.grad.detach(), work_dtype(p.dtype), keep_prev=before + 1 < self.micro_batches)
+        if self.micro_batches == 1:
+            # Only counted (a no_sync() pass would be a second sample): s comes from the bucket.
+            self._squares.count[p] = 1
+        else:
+            self._squares.add(p, p.grad.detach(), work_dtype(p.dtype), keep_prev=before + 1 < self.micro_batches)
 
     def _local_squares(self, bucket, out):
         """Write this worker's share of s for the bucket into ``out``, laid out like ``bucket.buffer()``."""
+        pairs = _offsets(bucket)
         if self.micro_batches == 1:
-            out.copy_(bucket.buffer())
-            out.mul_(out)
+            for p, _ in pairs:
+                self._squares.count.pop(p, None)
+            buf = bucket.buffer()
+            if buf.dtype == out.dtype:
+                torch.mul(buf, buf, out=out)
+            else:
+                out.copy_(buf)
+                out.mul_(out)
             return
         out.zero_()
-        for p, off in _offsets(bucket):
+        for p, off in pairs:
             n = self._squares.count.get(p, 0)
             if n not in (0, self.micro_batches):
                 raise RuntimeError(
@@ -97,8 +106,7 @@ class DDPStatistics:
         """Store s and ‖ḡ‖ per parameter of the bucket."""
         pairs = _offsets(bucket)
         views = [gbar[off:off + p.numel()] for p, off in pairs]
-        norms = torch._foreach_norm(views, 2, dtype=torch.float64)
-        for (p, off), nrm in zip(pairs, norms):
+        for (p, off), nrm in zip(pairs, norms(views)):
             self._stats[p] = sq[off:off + p.numel()].view_as(p)
             self._norms[p] = nrm
 
@@ -107,13 +115,11 @@ class DDPStatistics:
         # step(): s is consumed by the first call, later calls find nothing.
         if not self._stats:
             return None
-        sq = []
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                s, n0 = self._stats.pop(p, None), self._norms.pop(p, None)
-                if s is not None and p.grad is not None:
-                    s = follow_rescale(s, p.grad, n0)
-                sq.append(s)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        sq = [self._stats.pop(p, None) if p.grad is not None else None for p in params]
+        have = [(s, p) for s, p in zip(sq, params) if s is not None]
+        for (s, p), n1 in zip(have, norms([p.grad for _, p in have])):
+            follow_rescale(s, n1, self._norms[p])
         self._stats.clear()
         self._norms.clear()
         optimizer.set_grad_sq(sq)

@@ -143,6 +143,16 @@ def run_ddp(names):
         _steps(model, opt, 2, 4, STEPS, rank)
         out[f"ckpt/{name}"] = all(torch.equal(a, b) for a, b in zip(full.parameters(), model.parameters()))
 
+    # micro_batches=1 but two backward passes (one under no_sync): refused on every rank.
+    model = _ddp()
+    opt = lbt.create("vr-sgd", model.module)
+    lb_ddp.register(model, opt, micro_batches=1)
+    try:
+        _steps(model, opt, 2, 1, 1, rank)
+        out["m1_twice_error"] = None
+    except RuntimeError as e:
+        out["m1_twice_error"] = str(e)
+
     # k counts the model's process group: a one-process group has k = 1 × 1.
     groups = [dist.new_group([r]) for r in range(dist.get_world_size())]
     model = _ddp(group=groups[rank])
