@@ -13,7 +13,8 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("launcher,expected", [
-    ("mpirun", "mpirun -np 2 -H localhost:2 --bind-to none -x OMP_NUM_THREADS python train.py --lr 0.1"),
+    ("mpirun", f"mpirun -np 2 -H localhost:2 --bind-to none -x OMP_NUM_THREADS -x PATH {sys.executable} "
+               "train.py --lr 0.1"),
     ("torchrun", "--standalone --nproc-per-node 2 train.py --lr 0.1"),
     ("horovodrun", "horovodrun -np 2 -H localhost:2"),
 ])

@@ -11,7 +11,7 @@ import shutil
 import sys
 from typing import List, Optional
 
-from .horovodrun import UsageError
+from .horovodrun import UsageError, resolve_python
 
 LAUNCHERS = ("horovodrun", "mpirun", "torchrun")
 
@@ -44,8 +44,10 @@ def build_launch_command(launcher: str, np_: int, hosts: Optional[str], command:
             # Open MPI refuses root unless told; containers usually run as root.
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
             env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        # As for horovodrun: "python" is this installation's interpreter, also on the workers' PATH.
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
         cmd = [exe, "-np", str(np_), "-H", hosts or f"localhost:{np_}", "--bind-to", "none",
-               "-x", "OMP_NUM_THREADS", *command]
+               "-x", "OMP_NUM_THREADS", "-x", "PATH", *resolve_python(command)]
         return cmd, env
     if hosts and any(not h.startswith("localhost") for h in hosts.split(",")):
         raise UsageError("invalid -H with --launcher torchrun: torchrun starts the workers of one node; "
