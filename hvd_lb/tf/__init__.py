@@ -18,6 +18,7 @@ from .optimizers import (OPTIMIZERS, UPDATES, LargeBatchOptimizer, Step, create,
 from .schedules import WarmupDecay
 from .distributed import (DistributedOptimizer, DistributedGradientTape, PartialDistributedGradientTape,
                           broadcast_variables, reduce_statistics)
+from ..passthrough import horovod_superset
 from .callbacks import (BroadcastGlobalVariablesCallback, MetricAverageCallback,
                         LearningRateScheduleCallback, LearningRateWarmupCallback, BestModelCheckpoint)
 
@@ -28,31 +29,8 @@ _OWN = ["GSNR", "OPTIMIZERS", "UPDATES", "LargeBatchOptimizer", "Step", "create"
         "BestModelCheckpoint"]
 
 
-def _horovod():
-    try:
-        import horovod.tensorflow as hvd
-    except ImportError:
-        return None
-    return hvd
-
-
-def __getattr__(name):
-    if name == "keras":  # our drop-in, not horovod.tensorflow.keras
-        return importlib.import_module(".keras", __name__)
-    for cls in OPTIMIZERS.values():  # classes of rules registered later
-        if cls.__name__ == name:
-            return cls
-    hvd = _horovod()
-    if hvd is not None and not name.startswith("__") and hasattr(hvd, name):
-        return getattr(hvd, name)
-    raise AttributeError(f"module 'hvd_lb.tf' has no attribute {name!r}"
-                         + ("" if hvd is not None else " (horovod.tensorflow is not installed)"))
-
-
-def __dir__():
-    hvd = _horovod()
-    theirs = [n for n in dir(hvd) if not n.startswith("_")] if hvd is not None else []
-    return sorted(set(globals()) | set(theirs) | {c.__name__ for c in OPTIMIZERS.values()})
-
+# "keras" is our drop-in for horovod.tensorflow.keras, not Horovod's.
+__getattr__, __dir__ = horovod_superset(globals(), "horovod.tensorflow", OPTIMIZERS,
+                                        {"keras": lambda: importlib.import_module(".keras", __name__)})
 
 __all__ = _OWN + [cls.__name__ for cls in OPTIMIZERS.values()]

@@ -13,35 +13,12 @@ from .gsnr import GSNR, GSNRTransform
 from .lr_scheduler import WarmupDecayLR, scaled_lr, tvlars_delay_steps
 from .distributed import DistributedOptimizer
 from . import ddp
+from ..passthrough import horovod_superset
 
 _OWN = ["OPTIMIZERS", "KERNELS", "LargeBatchOptimizer", "create", "register", "GSNR", "GSNRTransform",
         "WarmupDecayLR", "scaled_lr", "tvlars_delay_steps", "DistributedOptimizer", "ddp"]
 
 
-def _horovod():
-    try:
-        import horovod.torch as hvd
-    except ImportError:
-        return None
-    return hvd
-
-
-def __getattr__(name):
-    # Classes of every registered rule (SGD, VRLAMB, ..., and rules registered later).
-    for cls in OPTIMIZERS.values():
-        if cls.__name__ == name:
-            return cls
-    hvd = _horovod()
-    if hvd is not None and not name.startswith("__") and hasattr(hvd, name):
-        return getattr(hvd, name)
-    raise AttributeError(f"module 'hvd_lb.torch' has no attribute {name!r}"
-                         + ("" if hvd is not None else " (horovod.torch is not installed)"))
-
-
-def __dir__():
-    hvd = _horovod()
-    theirs = [n for n in dir(hvd) if not n.startswith("_")] if hvd is not None else []
-    return sorted(set(globals()) | set(theirs) | {c.__name__ for c in OPTIMIZERS.values()})
-
+__getattr__, __dir__ = horovod_superset(globals(), "horovod.torch", OPTIMIZERS)
 
 __all__ = _OWN + [cls.__name__ for cls in OPTIMIZERS.values()]
