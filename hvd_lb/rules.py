@@ -334,13 +334,12 @@ def square_wire_dtype(square_dtype: Optional[str], workers: int) -> Optional[str
 
 # The VRGD paper's experiments use k ≥ 8 samples; below, r is dominated by a few elements.
 SMALL_K = 8
-_warned_small_k = False
 
 
 def check_samples(workers: int, micro_batches: int) -> int:
     """k = workers × micro_batches for a VR rule; raise if there is no variance (k < 2).
 
-    Warns once per process when k < 8 (SPEC §2 note: mean r ≈ 0.10 at k = 2,
+    Warns when k < 8 (Python's default filter shows it once per k; SPEC §2 note: mean r ≈ 0.10 at k = 2,
     ≈ 0.39 at k = 4, ≈ 0.49 at k = 8).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -353,9 +352,7 @@ def check_samples(workers: int, micro_batches: int) -> int:
             f"the gradient variance, got k = {workers} × {micro_batches} = {k}: run with more "
             "Horovod workers (horovodrun -np 2 or more) or pass micro_batches=2 or more"
         )
-    global _warned_small_k
-    if k < SMALL_K and not _warned_small_k:
-        _warned_small_k = True
+    if k < SMALL_K:
         warnings.warn(
             f"hvd_lb: GSNR from k = {workers} × {micro_batches} = {k} gradient samples is weak "
             f"(the VRGD paper uses k ≥ {SMALL_K}; at k = 2 about 99 % of elements are clipped to γ "
