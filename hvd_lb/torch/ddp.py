@@ -10,7 +10,7 @@ Usage (``torchrun --nproc_per_node N train.py``)::
     for batch in loader:
         for i, micro in enumerate(batch.chunk(M)):
             with model.no_sync() if i < M - 1 else contextlib.nullcontext():
-                loss_fn(model(micro)).backward()
+                (loss_fn(model(micro)) / M).backward()    # micro-batches are summed
         opt.step()
         opt.zero_grad()
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from .. import rules
+from ._squares import MicroBatchSquares, follow_rescale, work_dtype
 from .gsnr import GSNRTransform
 
 try:
@@ -49,9 +50,7 @@ class _DistributedVR(torch.optim.Optimizer):
         self._parameter_names = _names(self, named_parameters)
         self._param_names = dict(self._parameter_names)
         self._delay = {p: micro_batches for p in self._parameter_names}
-        self._acc = {}       # p → Σ_m g_m² so far (float32 or wider), reused across steps
-        self._acc_n = {}     # p → micro-batches accumulated in _acc this step
-        self._prev = {}      # p → p.grad after the previous micro-batch (M > 1)
+        self._squares = MicroBatchSquares()  # Σ_m g_m² per tensor over this step's micro-batches
         self._handles = {}   # p → (kind, handle(s), compression ctx)
         self._stats = {}     # p → s after synchronize()
         self._gnorm = {}     # p → ‖ḡ‖ after synchronize(), to follow later rescaling
@@ -87,7 +86,7 @@ class _DistributedVR(torch.optim.Optimizer):
     # --- per-backward work ----------------------------------------------------------
 
     def _work_dtype(self, p):
-        return torch.float64 if p.dtype == torch.float64 or self.square_dtype == "float64" else torch.float32
+        return work_dtype(p.dtype, self.square_dtype)
 
     def _densify(self, p):
         if p.grad.is_sparse:
@@ -108,21 +107,8 @@ class _DistributedVR(torch.optim.Optimizer):
                 f"gradients were computed more than micro_batches={self.micro_batches} times "
                 "before step(): pass a larger micro_batches to DistributedOptimizer")
         self._densify(p)
-        grad = p.grad.detach()
-        wide = grad.to(self._work_dtype(p))
-        # g_m = p.grad now − p.grad before this backward (zero_grad() before the first).
-        prev = self._prev.get(p)
-        g_m = wide if prev is None else wide - prev
-        acc = self._acc.get(p)
-        if acc is None or acc.shape != p.shape or acc.dtype != wide.dtype:
-            acc = self._acc[p] = torch.empty_like(wide)
-        if self._acc_n.get(p, 0) == 0:
-            torch.mul(g_m, g_m, out=acc)
-        else:
-            acc.addcmul_(g_m, g_m)
-        self._acc_n[p] = self._acc_n.get(p, 0) + 1
-        if self.micro_batches > 1 and self._delay[p] > 1:
-            self._prev[p] = wide.clone() if wide is grad else wide
+        self._squares.add(p, p.grad.detach(), self._work_dtype(p),
+                          keep_prev=self.micro_batches > 1 and self._delay[p] > 1)
         self._delay[p] -= 1
         if self._delay[p] == 0:
             self._enqueue(p)
@@ -132,12 +118,10 @@ class _DistributedVR(torch.optim.Optimizer):
             # Not used on this rank, maybe on others: its samples are zero here.
             p.grad = torch.zeros_like(p)
         self._densify(p)
-        acc = self._acc.get(p) if self._acc_n.pop(p, 0) else None
-        # Local share of s: (1/M)Σ_m (M·g_m)² = M·Σ_m g_m²; Average over workers gives (1/k)Σx².
-        if acc is None:
+        # Local share of s, M·Σ_m g_m²; Average over workers gives (1/k)Σx².
+        sq = self._squares.take(p, self.micro_batches)
+        if sq is None:
             sq = torch.zeros_like(p, dtype=self._work_dtype(p))
-        else:
-            sq = acc.mul_(self.micro_batches) if self.micro_batches > 1 else acc
         name = self._parameter_names[p]
         grad, ctx = self._compression.compress(p.grad)
         pre, post = self._scale
@@ -152,7 +136,6 @@ class _DistributedVR(torch.optim.Optimizer):
                                              process_set=self.process_set,
                                              prescale_factor=pre, postscale_factor=post)
             self._handles[p] = ("grouped", h, ctx)
-        self._prev.pop(p, None)
 
     # --- Horovod's calling conventions ------------------------------------------------
 
@@ -214,9 +197,7 @@ class _DistributedVR(torch.optim.Optimizer):
                 n0 = self._gnorm.pop(p, None)
                 if s is not None and p.grad is not None:
                     # float64 norms: ‖ḡ‖ of a float32 gradient may overflow float32 (inf/inf).
-                    n1 = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
-                    ratio = torch.where(n0 > 0, n1 / torch.where(n0 > 0, n0, 1.0), 1.0)
-                    s = s.mul_((ratio * ratio).to(s.dtype))
+                    s = follow_rescale(s, torch.linalg.vector_norm(p.grad, dtype=torch.float64), n0)
                 sq.append(s)
         if self.skip_nonfinite and _skip(self, [t for t in sq if t is not None]):
             return None
@@ -230,7 +211,7 @@ class _DistributedVR(torch.optim.Optimizer):
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
                                  "optimizer.step() or optimizer.synchronize(): this is prohibited "
                                  "as it can cause a race condition")
-        if any(self._acc_n.values()):
+        if any(self._squares.count.values()):
             # g_m = p.grad − p.grad before: zeroing between micro-batches would invent a sample.
             raise RuntimeError(
                 f"optimizer.zero_grad() between micro-batches: with micro_batches={self.micro_batches} "
@@ -240,8 +221,7 @@ class _DistributedVR(torch.optim.Optimizer):
 
     def load_state_dict(self, *args, **kwargs):
         self._handles.clear()
-        self._acc_n.clear()
-        self._prev.clear()
+        self._squares.clear()
         self._stats.clear()
         self._gnorm.clear()
         self._synchronized = False
