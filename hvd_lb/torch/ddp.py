@@ -77,8 +77,8 @@ class DDPStatistics:
         else:
             self._squares.add(p, p.grad.detach(), work_dtype(p.dtype), keep_prev=before + 1 < self.micro_batches)
 
-    def _local_squares(self, bucket, out):
-        """Write this worker's share of s for the bucket into ``out``, laid out like ``bucket.buffer()``."""
+    def _local_squares(self, bucket, out, scale):
+        """Write this worker's share of s times ``scale`` into ``out``, laid out like ``bucket.buffer()``."""
         pairs = _offsets(bucket)
         if self.micro_batches == 1:
             for p, _ in pairs:
@@ -89,8 +89,10 @@ class DDPStatistics:
             else:
                 out.copy_(buf)
                 out.mul_(out)
+            out.mul_(scale)
             return
-        out.zero_()
+        if sum(p.numel() for p, _ in pairs) != out.numel():
+            out.zero_()  # gaps between the gradients in the bucket
         for p, off in pairs:
             n = self._squares.count.get(p, 0)
             if n not in (0, self.micro_batches):
@@ -98,9 +100,12 @@ class DDPStatistics:
                     f"DDP synchronised after {n} backward pass(es), expected micro_batches="
                     f"{self.micro_batches}: run the first {self.micro_batches - 1} micro-batch(es) of "
                     "each step inside model.no_sync()")
-            local = self._squares.take(p, self.micro_batches)
-            if local is not None:  # None: p unused on this worker (find_unused_parameters)
-                out[off:off + p.numel()].copy_(local.reshape(-1))
+            local = self._squares.take(p, 1)  # Σ_m g_m²; times M below, in the same pass
+            view = out[off:off + p.numel()]
+            if local is None:  # p unused on this worker (find_unused_parameters)
+                view.zero_()
+            else:
+                torch.mul(local.reshape(-1), self.micro_batches * scale, out=view)
 
     def _keep(self, bucket, gbar, sq):
         """Store s and ‖ḡ‖ per parameter of the bucket."""
@@ -140,20 +145,21 @@ def _comm_hook(state: "DDPStatistics", bucket) -> torch.futures.Future[torch.Ten
     n, W = buf.numel(), state.world_size
     dtype = work_dtype(buf.dtype)
     if buf.dtype == dtype:
+        # 1/W folded into the local copies: the all-reduced sum is already the mean.
         flat = buf.new_empty(2 * n)
-        flat[:n].copy_(buf)
-        state._local_squares(bucket, flat[n:])
+        torch.div(buf, W, out=flat[:n])
+        state._local_squares(bucket, flat[n:], 1.0 / W)
         fut = dist.all_reduce(flat, group=state.group, async_op=True).get_future()
 
         def done(f):
-            red = f.value()[0].div_(W)
+            red = f.value()[0]
             gbar, s = red[:n], red[n:]
             state._keep(bucket, gbar, s)
             return gbar
     else:
         # Low-precision gradients, float32 s: two all-reduces launched together.
         sq = torch.empty(n, dtype=dtype, device=buf.device)
-        state._local_squares(bucket, sq)
+        state._local_squares(bucket, sq, 1.0 / W)
         grad = buf.div_(W)
         f_g = dist.all_reduce(grad, group=state.group, async_op=True).get_future()
         f_s = dist.all_reduce(sq, group=state.group, async_op=True).get_future()
@@ -161,7 +167,7 @@ def _comm_hook(state: "DDPStatistics", bucket) -> torch.futures.Future[torch.Ten
 
         def done(f):
             gbar = f.value()[0].value()[0]
-            s = f.value()[1].value()[0].div_(W)
+            s = f.value()[1].value()[0]
             state._keep(bucket, gbar.to(dtype), s)
             return gbar
     return fut.then(done)
