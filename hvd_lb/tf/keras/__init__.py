@@ -57,7 +57,10 @@ def load_model(filepath, custom_optimizers=None, custom_objects=None, compressio
 
 
 def _accept_experimental_run_tf_function():
-    compile_ = keras.Model.compile
+    # Patch the class that defines compile (Keras' Trainer): Keras' load_model skips compiling
+    # models whose class's compile differs from Trainer.compile.
+    owner = next(c for c in keras.Model.__mro__ if "compile" in vars(c))
+    compile_ = owner.compile
     if getattr(compile_, "_hvd_lb", False):
         return
 
@@ -70,7 +73,7 @@ def _accept_experimental_run_tf_function():
         return compile_(self, *args, **kwargs)
 
     compile._hvd_lb = True
-    keras.Model.compile = compile
+    owner.compile = compile
 
 
 _accept_experimental_run_tf_function()
