@@ -1,0 +1,242 @@
+"""TF/Keras 3 benchmark on real model shapes: a ResNet-18-style CNN (32×32 input) and a small
+transformer encoder. Run by hand; every figure is a ratio against a baseline measured in the
+same run (round-robin over the variants, medians). Not a test.
+
+Environment (as root): OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+PYTHONPATH=$PWD OMP_NUM_THREADS=1.
+
+1. Full training step (one compiled ``tf.function``: forward, backward, ``opt.apply``):
+
+    horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python bench/real_shapes_tf.py [--model resnet18,transformer]
+
+   Baselines: ``hvd_lb.tf.DistributedOptimizer`` wrapping ``keras.optimizers.SGD(momentum=0.9)``
+   and ``keras.optimizers.AdamW`` — for a non-VR Keras optimizer that is plain Horovod: one
+   ``hvd.grouped_allreduce`` of every gradient, then the Keras step (``horovod.tensorflow.keras``
+   itself is broken on Keras 3, horovod#4290, so it cannot be the baseline). Against them:
+   hvd_lb non-VR ``lamb``, VR ``vr-lamb`` and ``GSNR(AdamW)`` with s as float32 and as
+   bfloat16, and one extra ``hvd.grouped_allreduce`` of every gradient timed in the same
+   rounds: "VR extra / one all-reduce" = (VR step − its non-VR step) / (that all-reduce).
+   The first call of each step (tracing) is printed too.
+
+2. Peak memory (RSS of rank 0, one horovodrun -np 2 per variant, 3 steps), ratio to the
+   AdamW baseline:
+
+    .venv/bin/python bench/real_shapes_tf.py --memory
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore", message="hvd_lb: GSNR from k")
+
+KINDS = ["sgd", "adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32", "gsnr-adamw-bf16"]
+MEM_KINDS = ["sgd", "adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32"]
+
+
+def build(name, seed=0):
+    import keras
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    if name == "resnet18":
+        def block(x, cout, stride):
+            y = L.Conv2D(cout, 3, stride, padding="same", use_bias=False)(x)
+            y = L.ReLU()(L.BatchNormalization()(y))
+            y = L.BatchNormalization()(L.Conv2D(cout, 3, 1, padding="same", use_bias=False)(y))
+            if stride != 1 or x.shape[-1] != cout:
+                x = L.BatchNormalization()(L.Conv2D(cout, 1, stride, use_bias=False)(x))
+            return L.ReLU()(L.Add()([x, y]))
+
+        inp = keras.Input((32, 32, 3))
+        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(64, 3, padding="same", use_bias=False)(inp)))
+        for cout, stride in ((64, 1), (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1)):
+            x = block(x, cout, stride)
+        return keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+    d, vocab = 256, 8000
+    inp = keras.Input((64,), dtype="int32")
+    x = L.Embedding(vocab, d)(inp)
+    for _ in range(4):
+        x = L.LayerNormalization()(L.Add()([x, L.MultiHeadAttention(8, d // 8)(x, x)]))
+        y = L.Dense(d)(L.Dense(4 * d, activation="relu")(x))
+        x = L.LayerNormalization()(L.Add()([x, y]))
+    return keras.Model(inp, L.Dense(vocab)(x))
+
+
+def batch(name, n, seed):
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+    if name == "resnet18":
+        return (tf.constant(rng.normal(size=(n, 32, 32, 3)), tf.float32),
+                tf.constant(rng.integers(0, 10, size=n)))
+    return (tf.constant(rng.integers(0, 8000, size=(n, 64)), tf.int32),
+            tf.constant(rng.integers(0, 8000, size=(n, 64))))
+
+
+def optimizer(kind):
+    import keras
+    import hvd_lb.tf as H
+    sq = {"square_dtype": "bfloat16" if kind.endswith("bf16") else "float32"}
+    if kind == "sgd":
+        return H.DistributedOptimizer(keras.optimizers.SGD(0.01, momentum=0.9))
+    if kind == "adamw":
+        return H.DistributedOptimizer(keras.optimizers.AdamW(1e-3, weight_decay=0.01))
+    if kind == "lamb":
+        return H.DistributedOptimizer(H.create("lamb", learning_rate=1e-3))
+    if kind.startswith("vr-lamb"):
+        return H.DistributedOptimizer(H.create("vr-lamb", learning_rate=1e-3), **sq)
+    if kind.startswith("gsnr-adamw"):
+        return H.DistributedOptimizer(H.GSNR(keras.optimizers.AdamW(1e-3, weight_decay=0.01), momentum=0.9), **sq)
+    raise ValueError(kind)
+
+
+def make_step(model, opt):
+    import keras
+    import tensorflow as tf
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    tvs = model.trainable_variables
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        opt.apply(tape.gradient(loss, tvs), tvs)
+        return loss
+    return step
+
+
+def step_bench(model_name, args):
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+    x, y = batch(model_name, args.batch, hvd.rank())
+    steps, n = {}, 0
+    for k in KINDS:
+        model = build(model_name)
+        n = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
+        steps[k] = make_step(model, optimizer(k))
+    grads = [tf.random.normal(v.shape) for v in build(model_name).trainable_variables]
+
+    @tf.function
+    def allreduce():
+        return hvd.grouped_allreduce(grads, op=hvd.Average, name="bench_ar", ignore_name_scope=True)
+
+    names = KINDS + ["allreduce"]
+    times, cpu, first = {k: [] for k in names}, {k: [] for k in names}, {}
+    for it in range(args.warmup + args.iters):
+        for k in names:
+            hvd.allreduce(tf.constant(0.0), name="bench_barrier").numpy()
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = allreduce() if k == "allreduce" else steps[k](x, y)
+            tf.nest.map_structure(lambda t: t.numpy(), out)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if it == 0:
+                first[k] = dt
+            if it >= args.warmup:
+                times[k].append(dt)
+                cpu[k].append(dc)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med.update({k + "@cpu": statistics.median(v) for k, v in cpu.items()})
+    return med, first, n
+
+
+def report(model_name, med, first, n, args, workers):
+    """Wall-clock medians, and CPU-time medians (time.process_time of rank 0: this process's own
+    work, Horovod's background thread included; insensitive to other processes' load)."""
+    ar, arc = med["allreduce"], med["allreduce@cpu"]
+    print(f"\n[{model_name}, TF/Keras 3] {n / 1e6:.2f}M parameters, {workers} workers, batch {args.batch}/worker, "
+          f"{args.iters} timed rounds (medians; 'cpu' = CPU time of the process)")
+    print(f"  {'variant':<16} {'wall ms':>9} {'/ SGD':>7} {'/ AdamW':>8} {'cpu ms':>8} {'/ SGD':>7} {'/ AdamW':>8} "
+          f"{'first step s':>13}")
+    for k in KINDS:
+        c = med[k + "@cpu"]
+        print(f"  {k:<16} {1e3 * med[k]:>9.1f} {med[k] / med['sgd']:>7.3f} {med[k] / med['adamw']:>8.3f} "
+              f"{1e3 * c:>8.1f} {c / med['sgd@cpu']:>7.3f} {c / med['adamw@cpu']:>8.3f} {first[k]:>13.2f}")
+    print(f"  one grouped all-reduce of all gradients: wall {1e3 * ar:.1f} ms ({ar / med['sgd']:.3f} of an SGD step), "
+          f"cpu {1e3 * arc:.1f} ms")
+    for vr, non in (("vr-lamb-f32", "lamb"), ("vr-lamb-bf16", "lamb"), ("gsnr-adamw-f32", "adamw"),
+                    ("gsnr-adamw-bf16", "adamw")):
+        extra, extrac = med[vr] - med[non], med[vr + "@cpu"] - med[non + "@cpu"]
+        print(f"  VR extra {vr:<15}- {non:<5}: wall {1e3 * extra:7.1f} ms = {extra / ar:5.2f} x one all-reduce, "
+              f"step ratio {med[vr] / med[non]:.3f} | cpu {1e3 * extrac:7.1f} ms = {extrac / arc:5.2f} x, "
+              f"step ratio {med[vr + '@cpu'] / med[non + '@cpu']:.3f}")
+    sys.stdout.flush()
+    return {"model": model_name, "params": n, "workers": workers, "median_s": med, "first_s": first}
+
+
+def run_steps(args):
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+    hvd.init()
+    tf.get_logger().setLevel("ERROR")   # each variant's step is its own tf.function: not a retrace
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    out = []
+    for model_name in args.model.split(","):
+        med, first, n = step_bench(model_name, args)
+        if hvd.rank() == 0:
+            out.append(report(model_name, med, first, n, args, hvd.size()))
+    if hvd.rank() == 0 and args.json:
+        json.dump(out, open(args.json, "w"), indent=1)
+
+
+def mem_worker(args):
+    import resource
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+    hvd.init()
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    step = make_step(build(args.model), optimizer(args.mem_worker[0]))
+    x, y = batch(args.model, args.batch, hvd.rank())
+    for _ in range(3):
+        step(x, y).numpy()
+    if hvd.rank() == 0:
+        json.dump({"peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}, open(args.mem_worker[1], "w"))
+
+
+def run_memory(args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3")
+    hvdrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    for model_name in args.model.split(","):
+        print(f"\n[{model_name}, TF/Keras 3] batch {args.batch}/worker, -np 2: peak RSS of rank 0 after 3 steps")
+        print(f"  {'variant':<16} {'peak MiB':>9} {'/ AdamW':>8} {'/ SGD':>8}")
+        peaks = {}
+        for k in MEM_KINDS:
+            with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+                subprocess.run([hvdrun, "-np", "2", "-H", "localhost:2", "--gloo", sys.executable, __file__,
+                                "--model", model_name, "--batch", str(args.batch), "--mem-worker", k, tmp.name],
+                               env=env, check=True, capture_output=True, timeout=900)
+                peaks[k] = json.load(open(tmp.name))["peak_kb"] / 1024
+        for k, v in peaks.items():
+            print(f"  {k:<16} {v:>9.0f} {v / peaks['adamw']:>8.3f} {v / peaks['sgd']:>8.3f}")
+        sys.stdout.flush()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="resnet18,transformer", help="resnet18, transformer or both")
+    ap.add_argument("--batch", type=int, default=4, help="samples per worker per step")
+    ap.add_argument("--iters", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", help="rank 0 writes the medians here")
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--mem-worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mem_worker:
+        return mem_worker(args)
+    if args.memory:
+        return run_memory(args)
+    run_steps(args)
+
+
+if __name__ == "__main__":
+    main()
