@@ -298,6 +298,9 @@ def check_gsnr_op(op, what: str) -> None:
                          "ḡ and s are means over gradient samples, so op must be hvd.Average (the default)")
 
 
+# skip_nonfinite (both backends): one warning per this many skipped steps.
+SKIP_WARN_EVERY = 100
+
 SQUARE_DTYPES = (None, "float32", "float64", "bfloat16")
 
 

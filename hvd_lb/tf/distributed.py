@@ -16,6 +16,7 @@ never from variable or op names (which differ between a loaded and a fresh model
 from __future__ import annotations
 
 import itertools
+import sys
 import zlib
 
 import keras
@@ -261,7 +262,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     GSNR); ``gradient_predivide_factor`` f: 1/f before the sum, f/size after;
     ``device_dense``: where the all-reduce runs. Gradients always go dense
     (``sparse_as_dense``), all in one grouped all-reduce, so ``num_groups``/``groups`` (fusion
-    hints) change nothing and are only checked. ``square_dtype`` = the dtype s travels in:
+    hints) change nothing and are only checked. ``skip_nonfinite``: skip the step on every
+    rank together when the reduced ḡ or s has a NaN/inf (state untouched, ``skipped_steps``
+    counts, one line per 100 skips; no communication, one pass over ḡ). ``square_dtype`` = the dtype s travels in:
     None (float32; float64 for float64 variables), "float32", "float64" or "bfloat16" (an
     all-gather of the 16-bit values, used only for ≤ 3 workers; SPEC §7). ``process_set``:
     the Horovod process set to reduce over (default ``hvd.global_process_set``); k counts
@@ -271,7 +274,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def __init__(self, optimizer, name=None, device_dense="", device_sparse="", compression="none",
                  sparse_as_dense=False, gradient_predivide_factor=1.0, op=AVERAGE,
                  backward_passes_per_step=None, average_aggregated_gradients=False, num_groups=0,
-                 groups=None, process_set=None, *, micro_batches=None, square_dtype=None, **kwargs):
+                 groups=None, process_set=None, *, micro_batches=None, square_dtype=None,
+                 skip_nonfinite=False, **kwargs):
         if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
                 optimizer, DistributedOptimizer):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer "
@@ -282,9 +286,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         op, predivide = _horovod_args(f"DistributedOptimizer({type(optimizer).__name__})",
                                       _vr_target(optimizer) is not None, op, gradient_predivide_factor,
                                       num_groups, groups, device_sparse, sparse_as_dense)
-        if not isinstance(average_aggregated_gradients, bool):
-            raise ValueError(f"invalid average_aggregated_gradients={average_aggregated_gradients!r}: "
-                             "must be True or False")
+        for arg, value in (("average_aggregated_gradients", average_aggregated_gradients),
+                           ("skip_nonfinite", skip_nonfinite)):
+            if not isinstance(value, bool):
+                raise ValueError(f"invalid {arg}={value!r}: must be True or False")
         if kwargs:
             raise ValueError(f"unknown argument(s) {', '.join(sorted(kwargs))} for DistributedOptimizer: "
                              "it takes Horovod's arguments (backward_passes_per_step, op, compression, ...) "
@@ -297,6 +302,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.compression = compression
         self.square_dtype = square_dtype
         self.average_aggregated_gradients = average_aggregated_gradients
+        self.skip_nonfinite = skip_nonfinite
         self.process_set = process_set
         self.op, self.gradient_predivide_factor, self.device_dense = op, predivide, device_dense
 
@@ -315,8 +321,15 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                     self.add_variable(tuple(v.shape), dtype=stat_dtype(tf.as_dtype(v.dtype)),
                                       name=f"{variable_path(v).replace('/', '_')}_grad_sq_accumulator")
                     for v in var_list]
+        if self.skip_nonfinite:
+            self._skipped = self.add_variable((), dtype="int64", name="skipped_steps")
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped by ``skip_nonfinite`` so far."""
+        return int(self._skipped.numpy()) if self.skip_nonfinite and self.built else 0
 
     @property
     def variables(self):
@@ -365,11 +378,30 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set,
                                      self.micro_batches, self.op, self.gradient_predivide_factor,
                                      self.device_dense)
-        if sq is not None:
-            # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
-            # every rank, so all ranks skip or step together.
-            _vr_target(self.inner_optimizer).set_grad_sq(sq)
-        self.inner_optimizer.apply(mean, tvs)
+
+        def step():
+            if sq is not None:
+                # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
+                # every rank, so all ranks skip or step together.
+                _vr_target(self.inner_optimizer).set_grad_sq(sq)
+            self.inner_optimizer.apply(mean, tvs)
+            return tf.constant(True)
+
+        if not self.skip_nonfinite:
+            step()
+            return
+        # ḡ and s are already reduced, identical on every rank: all skip together, no communication.
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in mean + (sq or []) if t is not None])
+
+        def skip():
+            self._skipped.assign_add(1)
+            tf.cond(self._skipped % rules.SKIP_WARN_EVERY == 1,
+                    lambda: tf.print("hvd_lb: non-finite averaged gradient or squares: step skipped on every "
+                                     "rank;", self._skipped, "skipped so far", output_stream=sys.stderr),
+                    lambda: tf.no_op())
+            return tf.constant(False)
+
+        tf.cond(finite, step, skip)
 
     # -- delegation to the wrapped optimizer -------------------------------------------
 
@@ -403,6 +435,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 "micro_batches": self.micro_batches, "compression": self.compression,
                 "square_dtype": self.square_dtype,
                 "average_aggregated_gradients": self.average_aggregated_gradients,
+                "skip_nonfinite": self.skip_nonfinite,
                 "op": self.op, "gradient_predivide_factor": self.gradient_predivide_factor}
 
     @classmethod

@@ -232,9 +232,6 @@ class _DistributedVR(torch.optim.Optimizer):
         super(self.__class__, self).load_state_dict(*args, **kwargs)
 
 
-SKIP_WARN_EVERY = 100
-
-
 def _skip(opt, extra=()) -> bool:
     """``skip_nonfinite``: True (and the step is skipped) when ḡ or s has a non-finite element.
 
@@ -245,7 +242,7 @@ def _skip(opt, extra=()) -> bool:
     if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
         return False
     opt.skipped_steps += 1
-    if opt.skipped_steps % SKIP_WARN_EVERY == 1:
+    if opt.skipped_steps % rules.SKIP_WARN_EVERY == 1:
         warnings.warn(f"hvd_lb: non-finite averaged gradient or squares: step skipped on every rank "
                       f"({opt.skipped_steps} skipped so far; optimizer state untouched)")
     return True
