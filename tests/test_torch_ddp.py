@@ -12,7 +12,8 @@ import hvd_lb.torch as lbt
 from hvd_lb import reference, rules
 from hvd_lb.torch import ddp as lb_ddp
 from tests.hvdrun import ROOT, read_rank_json, run_mpirun, run_torchrun
-from tests.test_torch_distributed import _ref, _same_on_ranks, _samples, assert_params, check_parity, worker
+from tests.test_torch_distributed import (_ref, _same_on_ranks, _samples, assert_params, check_parity,
+                                          clipped_reference, worker)
 
 DDP_WORKER = ROOT / "tests" / "scripts" / "torch_ddp_worker.py"
 _spec = importlib.util.spec_from_file_location("torch_ddp_worker", DDP_WORKER)
@@ -83,13 +84,7 @@ def test_ddp_grad_scaler(ddp_ranks, name):
 @pytest.mark.parametrize("name", ["vr-momentum", "lamb"])
 def test_ddp_gradient_clipping(ddp_ranks, name):
     """clip_grad_norm_ scales ḡ by c; every sample is scaled by c, so s by c²."""
-    ref = _ref(name)
-    for step in range(1, worker.STEPS + 1):
-        samples = _samples(step, 2, 2)
-        mean, _ = reference.gradient_stats(samples)
-        c = min(1.0, 0.5 / (np.sqrt(sum(float(np.sum(m * m)) for m in mean)) + 1e-6))
-        ref.step_samples([[c * x for x in s] for s in samples])
-    assert_params(_same_on_ranks(ddp_ranks, f"clip/{name}"), ref.params, 1e-10, name)
+    assert_params(_same_on_ranks(ddp_ranks, f"clip/{name}"), clipped_reference(name).params, 1e-10, name)
 
 
 @pytest.mark.multiprocess

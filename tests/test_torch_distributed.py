@@ -104,13 +104,18 @@ def test_broadcast_parameters_and_optimizer_state(compat):
 @pytest.mark.parametrize("name", ["vr-momentum", "lamb"])
 def test_gradient_clipping_between_synchronize_and_step(compat, name):
     """clip_grad_norm_ scales ḡ by c; the VR statistics follow: every sample is scaled by c."""
+    assert_params(_same_on_ranks(compat, f"clip/{name}"), clipped_reference(name).params, 1e-10, name)
+
+
+def clipped_reference(name, max_norm=0.5):
+    """The reference fed every step's samples scaled by c = min(1, max_norm/‖ḡ‖) (norm clipping)."""
     ref = _ref(name)
     for step in range(1, worker.STEPS + 1):
         samples = _samples(step, 2, 2)
         mean, _ = reference.gradient_stats(samples)
-        c = min(1.0, 0.5 / (np.sqrt(sum(float(np.sum(m * m)) for m in mean)) + 1e-6))
+        c = min(1.0, max_norm / (np.sqrt(sum(float(np.sum(m * m)) for m in mean)) + 1e-6))
         ref.step_samples([[c * x for x in s] for s in samples])
-    assert_params(_same_on_ranks(compat, f"clip/{name}"), ref.params, 1e-10, name)
+    return ref
 
 
 @pytest.mark.multiprocess
