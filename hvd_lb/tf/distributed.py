@@ -23,9 +23,8 @@ import keras
 import tensorflow as tf
 
 from .. import rules
-from ._args import check_learning_rate
 from ._ops import stat_dtype, variable_path
-from .gsnr import GSNR
+from .gsnr import GSNR, inner_learning_rate
 
 _COMPRESSIONS = ("none", "fp16")
 AVERAGE, SUM = 0, 1  # hvd.Average, hvd.Sum (the same integers in every Horovod framework)
@@ -405,13 +404,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     # -- delegation to the wrapped optimizer -------------------------------------------
 
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = check_learning_rate(learning_rate, self.name)
+    learning_rate = inner_learning_rate
 
     @property
     def iterations(self):

@@ -20,6 +20,18 @@ from ._args import check_learning_rate
 from ._ops import B, stat_dtype, variable_path
 
 
+def _get_inner_lr(self):
+    return self.inner_optimizer.learning_rate
+
+
+def _set_inner_lr(self, learning_rate):
+    self.inner_optimizer.learning_rate = check_learning_rate(learning_rate, self.name)
+
+
+# The learning rate of a wrapper (GSNR, DistributedOptimizer) is its wrapped optimizer's.
+inner_learning_rate = property(_get_inner_lr, _set_inner_lr)
+
+
 class _Scratch:
     """Per-call tensors, kept outside Keras/TF attribute tracking."""
 
@@ -111,13 +123,7 @@ class GSNR(keras.optimizers.Optimizer):
 
     # -- the wrapped optimizer's learning rate and weight decay ---------------------------
 
-    @property
-    def learning_rate(self):
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        self.inner_optimizer.learning_rate = check_learning_rate(learning_rate, self.name)
+    learning_rate = inner_learning_rate
 
     def exclude_from_weight_decay(self, var_list=None, var_names=None):
         self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
