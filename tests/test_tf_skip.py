@@ -44,3 +44,16 @@ def test_nonfinite_step_is_skipped_state_untouched(graph, gsnr):
 def test_skip_nonfinite_must_be_bool():
     with pytest.raises(ValueError, match="invalid skip_nonfinite='yes'"):
         H.DistributedOptimizer(keras.optimizers.SGD(), skip_nonfinite="yes")
+
+
+def test_float64_squares_keep_float32_gsnr_finite_beyond_float32_squares():
+    """|x| = 1e30: float32 squares overflow; square_dtype="float64" keeps s and the GSNR maths finite."""
+    import horovod.tensorflow as hvd
+
+    hvd.init()
+    opt = H.DistributedOptimizer(H.GSNR(keras.optimizers.SGD(learning_rate=1e-30)), micro_batches=2,
+                                 square_dtype="float64")
+    w = keras.Variable(np.zeros(4, np.float32), name="w")
+    for g in ([1e30, -2e30, 3e30, 1e30], [1.5e30, -2e30, 2e30, 1e30]):
+        opt.apply([tf.constant(g, tf.float32)], [w])
+    assert np.isfinite(w.numpy()).all() and np.any(w.numpy() != 0)

@@ -260,3 +260,20 @@ def test_fused_path_equals_per_tensor(dtype, tol):
     assert fused.gsnr_diagnostics().keys() == ref.gsnr_diagnostics().keys()
     vr = lbt.create("vr-sgd", _leaves(dtype), gsnr_fused=True)
     assert all(g["gsnr_fused"] for g in vr.param_groups)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_float32_parameters_with_float64_squares_stay_finite_beyond_float32_squares(scale):
+    """|x| > 1.8e19 overflows float32 squares; with s in float64 (square_dtype="float64") the GSNR
+    maths runs in float64 and ĝ follows the float64 reference."""
+    rng = np.random.default_rng(5)
+    samples = [[scale * (np.ones(64) + rng.standard_normal(64))] for _ in range(8)]
+    mean, sq = reference.gradient_stats(samples)
+    w = torch.zeros(64, dtype=torch.float32, requires_grad=True)
+    opt = lbt.GSNR(torch.optim.SGD([w], lr=1e-30), gamma=0.1)
+    w.grad = torch.tensor(mean[0], dtype=torch.float32)
+    opt.set_grad_sq([torch.tensor(sq[0], dtype=torch.float64)])
+    opt.step()
+    assert torch.isfinite(w).all()
+    r, _, _ = reference.gsnr_ratio(mean[0], sq[0], 0.1)
+    np.testing.assert_allclose(w.detach().double().numpy(), -1e-30 * r * mean[0], rtol=1e-5)

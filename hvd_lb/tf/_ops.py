@@ -11,9 +11,10 @@ def _like(y, x):
     return tf.cast(y, x.dtype)
 
 
-def stat_dtype(dtype):
-    """GSNR statistics (s, r) in float32 or wider (SPEC §1–2): float64 for float64 tensors."""
-    return tf.float64 if dtype == tf.float64 else tf.float32
+def stat_dtype(dtype, square_dtype=None):
+    """GSNR statistics (s, r) in float32 or wider (SPEC §1–2): float64 for float64 tensors or
+    ``square_dtype="float64"`` (squares of |x| > 1.8e19 overflow float32)."""
+    return tf.float64 if dtype == tf.float64 or square_dtype == "float64" else tf.float32
 
 
 def variable_path(v) -> str:

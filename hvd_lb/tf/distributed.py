@@ -191,7 +191,7 @@ def reduce_statistics(grads, squares=None, compression="none", square_dtype=None
                           for i in present], 0)[None]
     elif sq is not None:
         # s travels in float32 or wider (SPEC §1): float64 for float64 gradients unless told.
-        packed += [tf.cast(sq[i], wire or stat_dtype(grads[i].dtype)) for i in present]
+        packed += [tf.cast(sq[i], wire or stat_dtype(grads[i].dtype, square_dtype)) for i in present]
     n = len(packed)
     if micro_batches is not None:
         # Exact small integers in the first tensor's dtype, so no extra group or cycle.
@@ -207,7 +207,7 @@ def reduce_statistics(grads, squares=None, compression="none", square_dtype=None
         mean[i] = comp.decompress(out[j], ctxs[j])
         if sq is not None:
             s = gathered[j] if gathered is not None else out[len(present) + j]
-            sq[i] = tf.cast(s, stat_dtype(grads[i].dtype))
+            sq[i] = tf.cast(s, stat_dtype(grads[i].dtype, square_dtype))
     return mean, sq
 
 
@@ -235,9 +235,9 @@ def _check_k(optimizer, micro_batches, process_set):
         rules.check_samples(_process_set(process_set).size(), micro_batches)
 
 
-def _sample(g, optimizer):
+def _sample(g, optimizer, square_dtype=None):
     """g in the statistics dtype, divided by a LossScaleOptimizer's current scale so s is unscaled."""
-    g = tf.cast(g, stat_dtype(g.dtype))
+    g = tf.cast(g, stat_dtype(g.dtype, square_dtype))
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         # The scale its scale_loss used: the initial one until it is built.
         scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
@@ -317,7 +317,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self._grad_acc = self.add_optimizer_variables(var_list, "grad_accumulator")
             if self.needs_squares:
                 self._sq_acc = [
-                    self.add_variable(tuple(v.shape), dtype=stat_dtype(tf.as_dtype(v.dtype)),
+                    self.add_variable(tuple(v.shape), dtype=stat_dtype(tf.as_dtype(v.dtype), self.square_dtype),
                                       name=f"{variable_path(v).replace('/', '_')}_grad_sq_accumulator")
                     for v in var_list]
         if self.skip_nonfinite:
@@ -342,7 +342,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
         grads = _filled(grads, tvs)
         if self.micro_batches == 1:
-            sq = [tf.square(_sample(g, self.inner_optimizer)) for g in grads] if self.needs_squares else None
+            sq = [tf.square(_sample(g, self.inner_optimizer, self.square_dtype)) for g in grads] if self.needs_squares else None
             self._step(grads, sq, tvs)
         else:
             self._accumulate(grads, tvs)
@@ -355,7 +355,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         for g, i in zip(grads, idx):
             self._grad_acc[i].assign_add(tf.cast(g, self._grad_acc[i].dtype))
             if self.needs_squares:
-                x = M * _sample(g, self.inner_optimizer)
+                x = M * _sample(g, self.inner_optimizer, self.square_dtype)
                 self._sq_acc[i].assign_add(x * x)
 
         def real_step():
@@ -505,7 +505,7 @@ class DistributedGradientTape:
         squares = self._squares()
         if M == 1:
             grads = _filled(self._tape.gradient(target, flat, output_gradients, unconnected_gradients), flat)
-            sq = [tf.square(_sample(g, self._optimizer)) for g in grads] if squares else None
+            sq = [tf.square(_sample(g, self._optimizer, self.square_dtype)) for g in grads] if squares else None
         else:
             if not isinstance(target, (list, tuple)) or len(target) != M:
                 raise ValueError(f"invalid target: with micro_batches={M} pass a list of {M} "
@@ -514,7 +514,7 @@ class DistributedGradientTape:
                 raise ValueError("micro_batches > 1 needs tf.GradientTape(persistent=True)")
             per = [_filled(self._tape.gradient(t, flat, None, unconnected_gradients), flat) for t in target]
             grads = [tf.add_n(list(gs)) for gs in zip(*per)]  # (1/M)Σ x_m = Σ g_m
-            sq = [tf.add_n([tf.square(M * _sample(g, self._optimizer)) for g in gs]) / M
+            sq = [tf.add_n([tf.square(M * _sample(g, self._optimizer, self.square_dtype)) for g in gs]) / M
                   for gs in zip(*per)] if squares else None
         mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set, M,
                                      self.op, self.predivide, self.device_dense)

@@ -171,7 +171,9 @@ class GSNR(keras.optimizers.Optimizer):
                 out.append(g)
                 continue
             mean, sq = self._io.stats[self._var_key(v)]
-            sd = stat_dtype(tf.as_dtype(v.dtype))
+            # float32 or wider, and at least s's: float64 squares (square_dtype="float64") keep
+            # |x| > 1.8e19 finite, so the maths runs in float64 too.
+            sd = tf.float64 if tf.as_dtype(sq.dtype) == tf.float64 else stat_dtype(tf.as_dtype(v.dtype))
             mean, sq = tf.cast(mean, sd), tf.cast(sq, sd)
             if scale is not None:
                 mean, sq = mean / scale, sq / (scale * scale)

@@ -29,7 +29,6 @@ import torch
 from .. import formulas, grouping, rules
 from ._ops import T
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 _FALLBACK = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": (), "gsnr_fused": False}
 
@@ -179,7 +178,10 @@ class GSNRTransform:
 def _gsnr(group, ps, ss, states, owned):
     """ĝ per tensor in float32 or wider. Returns (ĝ list, p_t list, t list, μ_r, clipped)."""
     gs = [p.grad for p in ps]
-    wide = [g.float() if g.dtype in _LOW_PRECISION else g for g in gs]
+    # Working dtype: float32 or wider, and at least s's (square_dtype="float64" keeps squares of
+    # |x| > 1.8e19 finite; the maths then runs in float64 too).
+    wide = [g.to(torch.promote_types(torch.promote_types(g.dtype, torch.float32), s.dtype))
+            for g, s in zip(gs, ss)]
     owned = owned and all(s.dtype == g.dtype for s, g in zip(ss, wide))
     ss = [s.to(g.dtype) for s, g in zip(ss, wide)]
     steps = [st.get("gsnr_step", 0) + 1 for st in states]  # lazily built: absent before step 1
