@@ -104,17 +104,22 @@ def test_broadcast_parameters_and_optimizer_state(compat):
 @pytest.mark.parametrize("name", ["vr-momentum", "lamb"])
 def test_gradient_clipping_between_synchronize_and_step(compat, name):
     """clip_grad_norm_ scales ḡ by c; the VR statistics follow: every sample is scaled by c."""
-    assert_params(_same_on_ranks(compat, f"clip/{name}"), clipped_reference(name).params, 1e-10, name)
+    assert_params(_same_on_ranks(compat, f"clip/{name}"), reference_run(name, clip=0.5).params, 1e-10, name)
 
 
-def clipped_reference(name, max_norm=0.5):
-    """The reference fed every step's samples scaled by c = min(1, max_norm/‖ḡ‖) (norm clipping)."""
+def reference_run(name, clip=None, skip=()):
+    """The reference fed steps 1..STEPS of 2 workers × 2 micro-batches (steps in ``skip`` left
+    out); with ``clip``, every sample scaled by c = min(1, clip/‖ḡ‖) (norm clipping)."""
     ref = _ref(name)
     for step in range(1, worker.STEPS + 1):
+        if step in skip:
+            continue
         samples = _samples(step, 2, 2)
-        mean, _ = reference.gradient_stats(samples)
-        c = min(1.0, max_norm / (np.sqrt(sum(float(np.sum(m * m)) for m in mean)) + 1e-6))
-        ref.step_samples([[c * x for x in s] for s in samples])
+        if clip is not None:
+            mean, _ = reference.gradient_stats(samples)
+            c = min(1.0, clip / (np.sqrt(sum(float(np.sum(m * m)) for m in mean)) + 1e-6))
+            samples = [[c * x for x in s] for s in samples]
+        ref.step_samples(samples)
     return ref
 
 
@@ -122,10 +127,7 @@ def clipped_reference(name, max_norm=0.5):
 @pytest.mark.parametrize("name", ["vr-sgd", "momentum"])
 def test_grad_scaler(compat, name):
     """torch.amp.GradScaler('cpu'): unscale_ after synchronize() gives the unscaled result."""
-    ref = _ref(name)
-    for step in range(1, worker.STEPS + 1):
-        ref.step_samples(_samples(step, 2, 2))
-    assert_params(_same_on_ranks(compat, f"scaler/{name}"), ref.params, 1e-10, name)
+    assert_params(_same_on_ranks(compat, f"scaler/{name}"), reference_run(name).params, 1e-10, name)
 
 
 @pytest.mark.multiprocess
@@ -219,8 +221,4 @@ def test_skip_nonfinite_skips_together(compat, name):
     params = _same_on_ranks(compat, f"skip/{name}")
     assert _same_on_ranks(compat, f"skip/{name}/count") == 1
     assert compat[0][f"skip/{name}/warnings"] == 1
-    ref = _ref(name)
-    for step in range(1, worker.STEPS + 1):
-        if step != 3:
-            ref.step_samples(_samples(step, 2, 2))
-    assert_params(params, ref.params, 1e-10, name)
+    assert_params(params, reference_run(name, skip={3}).params, 1e-10, name)
