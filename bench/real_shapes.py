@@ -51,6 +51,8 @@ import time
 import types
 import warnings
 
+from _timing import time_rounds
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", message="hvd_lb: GSNR from k")
@@ -215,22 +217,11 @@ def step_bench(model_name, kinds, args, micro_batches=1):
         for h in hs:
             hvd.synchronize(h)
 
-    names = kinds + ["allreduce"]
-    times, cpu, first = {k: [] for k in names}, {k: [] for k in names}, {}
-    for it in range(args.warmup + args.iters):
-        for k in names:
-            hvd.allreduce(torch.zeros(1), name="bench.barrier")
-            t0, c0 = time.perf_counter(), time.process_time()
-            allreduce() if k == "allreduce" else train(k)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if it == 0:
-                first[k] = dt
-            if it >= args.warmup:
-                times[k].append(dt)
-                cpu[k].append(dc)
+    runs = {k: (lambda k=k: train(k)) for k in kinds}
+    runs["allreduce"] = allreduce
+    med, first = time_rounds(runs, lambda: hvd.allreduce(torch.zeros(1), name="bench.barrier"),
+                             args.warmup, args.iters)
     n = sum(p.numel() for p in base.parameters())
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med.update({k + "@cpu": statistics.median(v) for k, v in cpu.items()})
     return med, first, n
 
 

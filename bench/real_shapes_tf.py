@@ -26,12 +26,12 @@ PYTHONPATH=$PWD OMP_NUM_THREADS=1.
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
+
+from _timing import time_rounds
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,22 +128,13 @@ def step_bench(model_name, args):
     def allreduce():
         return hvd.grouped_allreduce(grads, op=hvd.Average, name="bench_ar", ignore_name_scope=True)
 
-    names = KINDS + ["allreduce"]
-    times, cpu, first = {k: [] for k in names}, {k: [] for k in names}, {}
-    for it in range(args.warmup + args.iters):
-        for k in names:
-            hvd.allreduce(tf.constant(0.0), name="bench_barrier").numpy()
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = allreduce() if k == "allreduce" else steps[k](x, y)
-            tf.nest.map_structure(lambda t: t.numpy(), out)
-            dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            if it == 0:
-                first[k] = dt
-            if it >= args.warmup:
-                times[k].append(dt)
-                cpu[k].append(dc)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    med.update({k + "@cpu": statistics.median(v) for k, v in cpu.items()})
+    def run(k):
+        out = allreduce() if k == "allreduce" else steps[k](x, y)
+        tf.nest.map_structure(lambda t: t.numpy(), out)
+
+    med, first = time_rounds({k: (lambda k=k: run(k)) for k in KINDS + ["allreduce"]},
+                             lambda: hvd.allreduce(tf.constant(0.0), name="bench_barrier").numpy(),
+                             args.warmup, args.iters)
     return med, first, n
 
 

@@ -60,6 +60,7 @@ class Kernel(NamedTuple):
 
 
 KERNELS: Dict[str, Kernel] = {}
+_LR = rules.LR(0.0)  # the range an lr set after construction is checked against at step time
 OPTIMIZERS: Dict[str, type] = {}
 
 
@@ -125,7 +126,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             if not ps:
                 continue
             if not isinstance(group["lr"], torch.Tensor):
-                rules.LR(0.0).check(group["lr"], self.rule.name)  # a Python float: no device sync
+                _LR.check(group["lr"], self.rule.name)  # a Python float: no device sync
             for p in ps:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"optimizer '{self.rule.name}' does not take sparse gradients "
