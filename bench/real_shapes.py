@@ -152,8 +152,8 @@ def plain_optimizer(kind, model, lr=1e-3):
     if kind in ("gsnr-adamw", "gsnr-adamw-fused"):
         return lbt.GSNR(torch.optim.AdamW(ps, lr=lr, weight_decay=0.01, foreach=True), momentum=0.9,
                         fused=kind.endswith("fused"))
-    if kind == "vr-lamb-fused":
-        return lbt.create("vr-lamb", model, lr=lr, foreach=True, gsnr_fused=True)
+    if kind in ("lamb-fused", "vr-lamb-fused", "adam-fused"):
+        return lbt.create(kind[:-6], model, lr=lr, fused=True)   # the rule's update and GSNR compiled
     if kind in ("lamb", "lars", "vr-lamb"):
         return lbt.create(kind, model, lr=lr, foreach=True)
     if kind == "timm-lamb":
@@ -171,7 +171,7 @@ def plain_optimizer(kind, model, lr=1e-3):
 
 STEP_KINDS = ["hvd-sgd", "hvd-adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32",
               "gsnr-adamw-bf16"]
-SOLO_KINDS = ["adamw", "lamb", "lars", "vr-lamb", "vr-lamb-fused", "gsnr-adamw", "gsnr-adamw-fused",
+SOLO_KINDS = ["adamw", "lamb", "lamb-fused", "lars", "vr-lamb", "vr-lamb-fused", "gsnr-adamw", "gsnr-adamw-fused",
               "timm-lamb", "timm-lars", "po-lamb", "po-lars"]
 
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_SCRATCH = WeakIdKeyDictionary()  # parameter → {(tag, dtype): buffer}
 
 
 def _is_tensor(x) -> bool:
@@ -42,3 +45,55 @@ class TorchOps:
 
 
 T = TorchOps
+
+
+def scratch(params, dtypes=None, tag=""):
+    """One reusable buffer per parameter (and dtype and ``tag``), for a step's temporaries.
+
+    A step then allocates no parameter-sized tensor: on CPU (glibc) a fresh buffer of a
+    few MB is mapped and page-faulted anew every step, which costs more than several
+    passes over memory (``bench/real_shapes.py``). A buffer without ``tag`` is used only
+    within one kernel call; it lives as long as its parameter.
+    """
+    out = []
+    for i, p in enumerate(params):
+        dtype = p.dtype if dtypes is None else dtypes[i]
+        bufs = _SCRATCH.setdefault(p, {})
+        b = bufs.get((tag, dtype))
+        if b is None or b.shape != p.shape or b.device != p.device:
+            b = bufs[tag, dtype] = torch.empty_like(p, dtype=dtype)
+        out.append(b)
+    return out
+
+
+def flat(*tensors):
+    """1-d views where every tensor is contiguous (one compiled graph for all ranks), else as is."""
+    if all(t.is_contiguous() for t in tensors):
+        return [t.view(-1) for t in tensors]
+    return list(tensors)
+
+
+def graph_scalar(value, device, cache):
+    """A value that changes between steps (t, lr) as a float64 0-d tensor graph input.
+
+    Every other float reaches a ``torch.compile``d kernel as a constant of the graph (see
+    ``compiled_call``); a Python float here would recompile every step.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    key = (float(value), device)
+    if key not in cache:
+        cache[key] = torch.tensor(float(value), dtype=torch.float64, device=device)
+    return cache[key]
+
+
+def compiled_call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with Python floats specialized as constants of the graph.
+
+    torch 2.13 otherwise turns them into 0-d tensor inputs, and Inductor (CPU) then mixed up
+    such scalar inputs in the GSNR and Adam kernels (wrong results, caught by
+    tests/test_torch_fused.py); hyperparameters are fixed per param group, so constants cost
+    one graph per group.
+    """
+    with torch._dynamo.config.patch(specialize_float=True):
+        return fn(*args, **kwargs)

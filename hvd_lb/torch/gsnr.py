@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T
+from ._ops import T, compiled_call, flat, graph_scalar, scratch
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 _FALLBACK = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": (), "gsnr_fused": False}
@@ -53,8 +53,11 @@ class GSNRTransform:
     _gsnr_diag: tuple = ()
     _gsnr_fused = False
 
-    def __init__(self, params, *args, gsnr_fused: bool = False, **kwargs):
-        # Named vr- classes take ``gsnr_fused`` beside the rule's hyperparameters.
+    def __init__(self, params, *args, gsnr_fused: Optional[bool] = None, **kwargs):
+        # Named vr- classes take ``gsnr_fused`` beside the rule's hyperparameters; it follows
+        # the rule's own ``fused`` unless given.
+        if gsnr_fused is None:
+            gsnr_fused = kwargs.get("fused", False) is True
         if not isinstance(gsnr_fused, bool):
             raise ValueError(f"invalid gsnr_fused={gsnr_fused!r}: must be True or False")
         self._gsnr_fused = gsnr_fused
@@ -182,23 +185,27 @@ def _gsnr(group, ps, ss, states, owned):
     # |x| > 1.8e19 finite; the maths then runs in float64 too).
     wide = [g.to(torch.promote_types(torch.promote_types(g.dtype, torch.float32), s.dtype))
             for g, s in zip(gs, ss)]
-    owned = owned and all(s.dtype == g.dtype for s, g in zip(ss, wide))
-    ss = [s.to(g.dtype) for s, g in zip(ss, wide)]
+    in_place = not group["gsnr_fused"] and group.get("foreach") is not False
+    # The foreach path writes ĝ over s: the caller's buffer where ``owned`` (the
+    # DistributedOptimizer's), a working-dtype copy, or else a copy made here.
+    ss = [s.to(g.dtype) if s.dtype != g.dtype else s if owned or not in_place else s.clone()
+          for s, g in zip(ss, wide)]
     steps = [st.get("gsnr_step", 0) + 1 for st in states]  # lazily built: absent before step 1
     avgs = [st[rules.GSNR_SLOT].to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
             for st, g in zip(states, wide)]
     eps_w = [formulas.variance_floor(g.dtype == torch.float64) for g in wide]
     if group["gsnr_fused"]:
-        fn = _compiled()
-        res = [fn(g.view(-1), s.view(-1), avg.view(-1), torch.tensor(float(t), dtype=g.dtype, device=g.device),
-                  group["gamma"], group["gsnr_momentum"], e)
-               for g, s, avg, t, e in zip(wide, ss, avgs, steps, eps_w)]
-        out = [r[0].view_as(g) for r, g in zip(res, wide)]
-        avgs = [r[1].view_as(g) for r, g in zip(res, wide)]
-        mus, clipped = torch.stack([r[2] for r in res]), torch.stack([r[3] for r in res])
-    elif group.get("foreach") is not False:
+        # Nothing allocated per step: p_t goes into the state's buffer (its working-dtype copy
+        # where the state is narrower), ĝ into a buffer kept per parameter.
+        fn, cache = _compiled(), {}
+        out = scratch(ps, [g.dtype for g in wide], tag="gsnr")
+        res = [compiled_call(fn, *flat(g, s, avg, o), graph_scalar(t, g.device, cache), group["gamma"],
+                             group["gsnr_momentum"], e)
+               for g, s, avg, o, t, e in zip(wide, ss, avgs, out, steps, eps_w)]
+        mus, clipped = torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
+    elif in_place:
         out, avgs, mus, clipped = _gsnr_foreach(wide, ss, avgs, steps, eps_w, group["gamma"],
-                                                group["gsnr_momentum"], owned)
+                                                group["gsnr_momentum"], scratch(ps, [g.dtype for g in wide]))
     else:
         res = [_gsnr_one(g, s, avg, t, group["gamma"], group["gsnr_momentum"], e)
                for g, s, avg, t, e in zip(wide, ss, avgs, steps, eps_w)]
@@ -215,15 +222,29 @@ def _gsnr_one(g, s, avg, t, gamma, b3, eps_w):
     return g_hat, p_t, mu, clipped
 
 
+def _gsnr_into(g, s, avg, out, t, gamma, b3, eps_w):
+    """``_gsnr_one`` writing ĝ into ``out`` and p_t into ``avg``; returns (μ_r, clipped fraction).
+
+    ĝ does not go over s: compiled under ``no_grad``, torch 2.13's Inductor read s after
+    overwriting it (tests/test_torch_fused.py).
+    """
+    g_hat, p_t, mu, clipped = _gsnr_one(g, s, avg, t, gamma, b3, eps_w)
+    avg.copy_(p_t)
+    out.copy_(g_hat)
+    return mu, clipped
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled():
-    """``_gsnr_one`` fused by ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU).
+    """``_gsnr_into`` fused by ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU).
 
-    Called on flattened tensors with t as a 0-d tensor and ``dynamic=True``, so one graph
-    serves every tensor size and step (γ, β₃, ε_w are constants of the graph). Not the
-    default: ``bench/gsnr_fused.py`` measures the trade (compile time once vs time per step).
+    One graph (``dynamic=True``) serves every tensor size and step: t is a 0-d tensor, γ, β₃
+    and ε_w are constants (``compiled_call``).  It writes into buffers it is given, so a step allocates
+    nothing: on CPU a fresh buffer per tensor per step costs page faults comparable to the
+    maths itself.  The generated kernel reads ḡ and s about four times (δ needs mean(var),
+    r̃ needs μ_r) against ~20 passes of the foreach path; ``bench/gsnr_fused.py`` measures both.
     """
-    return torch.compile(_gsnr_one, dynamic=True)
+    return torch.compile(_gsnr_into, dynamic=True)
 
 
 def _sums(tensors):
@@ -236,17 +257,17 @@ def _scalars(vec: torch.Tensor) -> List[torch.Tensor]:
     return list(vec.unbind())
 
 
-def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, owned):
+def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, r):
     """formulas.gsnr_ratio + gsnr_scale as in-place foreach kernels over a list.
 
-    Per-tensor means are sums/n of non-negative lists; the per-tensor scalars go
-    through formulas' own expressions.  ``owned``: ``ss`` may be overwritten.
+    ``ss`` is overwritten and ends holding ĝ; ``r`` is scratch of the same shapes, so no
+    list is allocated. Per-tensor means are sums/n of non-negative lists; the per-tensor
+    scalars go through formulas' own expressions. Returns (ĝ = ss, p_t, μ_r, clipped).
     """
     n = torch.tensor([g.numel() for g in gs], dtype=gs[0].dtype, device=gs[0].device)
-    # One list beside s at any time (s itself is reused when ``owned``): r holds ε_w·s, then
-    # ḡ², r_raw, r̃, r and finally ĝ; var is reused for the clipped count.
-    r = torch._foreach_mul(ss, eps_w)                         # ε_w·s
-    var = ss if owned else [s.clone() for s in ss]
+    var = ss
+    torch._foreach_copy_(r, ss)
+    torch._foreach_mul_(r, eps_w)                             # ε_w·s
     torch._foreach_addcmul_(var, gs, gs, value=-1.0)          # s − ḡ²
     torch._foreach_maximum_(var, r)                           # var = max(s − ḡ², ε_w·s)
     torch._foreach_copy_(r, gs)
@@ -258,12 +279,7 @@ def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, owned):
     zero = mu == 0
     torch._foreach_div_(r, _scalars(torch.where(zero, torch.ones_like(mu), mu)))
     torch._foreach_add_(r, _scalars(zero.to(mu.dtype)))      # r̃ = 1 where μ_r = 0 (r_raw ≡ 0 there)
-    below = var                                               # free now: the clipped count's scratch
-    torch._foreach_copy_(below, r)
-    torch._foreach_sub_(below, gamma)
-    torch._foreach_clamp_max_(below, 0.0)
-    torch._foreach_sign_(below)                               # −1 exactly where r̃ < γ
-    clipped = _sums(below) / n
+    clipped = torch.stack([(t < gamma).sum() for t in r]).to(mu.dtype) / n
     torch._foreach_clamp_min_(r, gamma)
     torch._foreach_clamp_max_(r, 1.0)                         # r = clip(r̃, γ, 1)
     if b3 == 0.0:
@@ -273,8 +289,9 @@ def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, owned):
         torch._foreach_add_(avgs, r, alpha=1.0 - b3)          # p_t = β₃p + (1−β₃)r
         torch._foreach_copy_(r, avgs)
         torch._foreach_div_(r, [1.0 - b3 ** t for t in steps])
-    torch._foreach_mul_(r, gs)                                # ĝ = p_t/(1−β₃^t)·ḡ
-    return r, avgs, mu, clipped
+    torch._foreach_copy_(ss, gs)
+    torch._foreach_mul_(ss, r)                                # ĝ = p_t/(1−β₃^t)·ḡ
+    return ss, avgs, mu, clipped
 
 
 _CLASSES: Dict[type, type] = {}

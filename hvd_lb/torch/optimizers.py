@@ -20,12 +20,14 @@ without a dummy step; TVLARS sets m_1 = w_1 at t = 1, whatever the buffer held.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T
+from ._ops import T, compiled_call, flat, graph_scalar, scratch
 from .gsnr import param_name, transform_class
 
 
@@ -48,15 +50,49 @@ def _scalars(vec: torch.Tensor) -> List[torch.Tensor]:
 
 
 class Kernel(NamedTuple):
-    """One base rule on torch: ``fn(group, ps, gs, states, shared)`` per group, two ways.
+    """One base rule on torch: ``fn(group, ps, gs, states, shared)`` per group, two or three ways.
 
     ``prepare(work)`` (optional) computes what every group shares (SNGM's global
     norm) from ``[(group, ps, gs, states), ...]`` before the per-group calls.
+    ``fused`` (optional, ``fused=True``): the per-tensor update compiled; see ``per_tensor``.
     """
 
     single: Callable
     foreach: Callable
     prepare: Optional[Callable] = None
+    fused: Optional[Callable] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(fn: Callable) -> Callable:
+    # dynamic=True: one graph for every tensor size (inputs are flattened, ``flat``), compiled
+    # once per process on the first fused step.
+    return torch.compile(fn, dynamic=True)
+
+
+def per_tensor(one: Callable, slots, consts: Callable):
+    """(single, fused) kernels from ``one(p, g, *state[slots], t, lr, **consts(group))``.
+
+    ``one`` updates one tensor in place, written with ``formulas`` as the SPEC reads.
+    ``single`` calls it as written (t an int, lr as the group holds it); ``fused`` calls
+    it through ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU) on flattened
+    tensors, with t and lr as 0-d tensors (``graph_scalar``) so that neither steps nor
+    schedules recompile, the hyperparameters as constants: the rule's element-wise maths
+    becomes one or two loops over memory instead of a dozen foreach passes.
+    """
+    def single(group, ps, gs, states, _):
+        kw = consts(group)
+        for p, g, st in zip(ps, gs, states):
+            one(p, g, *[st[k] for k in slots], st["step"], group["lr"], **kw)
+
+    def fused(group, ps, gs, states, _):
+        fn, kw, cache = _compile(one), consts(group), {}
+        for p, g, st in zip(ps, gs, states):
+            # p itself, not p.detach(): views of a detached tensor are another graph input.
+            compiled_call(fn, *flat(p, g, *[st[k] for k in slots]), graph_scalar(st["step"], p.device, cache),
+                          graph_scalar(group["lr"], p.device, cache), **kw)
+
+    return single, fused
 
 
 KERNELS: Dict[str, Kernel] = {}
@@ -69,13 +105,19 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
 
     ``params`` may be tensors or param-group dicts; every group carries all
     hyperparameters of the rule plus ``adapt`` (trust ratio on/off), ``decay``
-    (weight decay on/off) and ``foreach`` (None = multi-tensor path).
+    (weight decay on/off), ``foreach`` (None = multi-tensor path) and ``fused``.
+
+    ``fused=True`` runs the rule's per-tensor update through ``torch.compile`` (see
+    ``per_tensor``): compiled on the first step (seconds with Inductor's on-disk cache warm,
+    about a minute cold, on CPU), then one or two loops over memory per tensor. Not the
+    default: measured on CPU (``bench/real_shapes.py``) it pays the compile back only after
+    hundreds of steps, and a compile is a surprise to a user who did not ask for one.
     """
 
     rule_name: str = ""
 
     def __init__(self, params, lr: Optional[float] = None, *, adapt: bool = True, decay: bool = True,
-                 foreach: Optional[bool] = None, **hparams):
+                 foreach: Optional[bool] = None, fused: bool = False, **hparams):
         self.rule = rules.get_rule(self.rule_name)
         if lr is not None:
             hparams["lr"] = lr
@@ -83,6 +125,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         defaults["adapt"] = _check_bool("adapt", adapt)
         defaults["decay"] = _check_bool("decay", decay)
         defaults["foreach"] = _check_bool("foreach", foreach, allow_none=True)
+        defaults["fused"] = _check_bool("fused", fused)
         self._param_names: Dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)
 
@@ -95,6 +138,14 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         for flag in ("adapt", "decay"):
             group[flag] = _check_bool(flag, group[flag])
         group["foreach"] = _check_bool("foreach", group["foreach"], allow_none=True)
+        group["fused"] = _check_bool("fused", group.get("fused", False))
+        if group["fused"]:
+            if group["foreach"]:
+                raise ValueError("invalid foreach=True with fused=True: choose one")
+            if KERNELS[self.rule.base].fused is None:
+                have = ", ".join(sorted(k for k, v in KERNELS.items() if v.fused is not None))
+                raise ValueError(f"invalid fused=True for optimizer '{self.rule.name}': the fused "
+                                 f"path exists for {have}")
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError("invalid params: sparse parameters are not supported")
@@ -137,7 +188,8 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             work.append((group, ps, [p.grad for p in ps], states))
         shared = kernel.prepare(work) if kernel.prepare is not None and work else None
         for group, ps, gs, states in work:
-            fn = kernel.single if group["foreach"] is False else kernel.foreach
+            fn = (kernel.fused if group.get("fused") else
+                  kernel.single if group["foreach"] is False else kernel.foreach)
             fn(group, ps, gs, states, shared)
         return loss
 
@@ -148,15 +200,17 @@ def _doc(rule: rules.Rule) -> str:
             f"State slots: {', '.join(rule.slots) or 'none'} (+ step).")
 
 
-def register(name: str, single: Callable, foreach: Callable, prepare: Optional[Callable] = None):
+def register(name: str, single: Callable, foreach: Callable, prepare: Optional[Callable] = None,
+             fused: Optional[Callable] = None):
     """Add base rule ``name``'s kernels and create its classes (``X`` and ``VRX``).
 
     The rule must be in the table first (``rules.register``); see docs/CONTRIBUTING.md.
+    ``fused`` is optional (``per_tensor`` makes it); without it ``fused=True`` is refused.
     """
     base, vr = rules.get_rule(name), rules.get_rule("vr-" + name)
     if base.gsnr:
         raise ValueError(f"invalid name {name!r}: register the base rule; its vr- twin follows")
-    KERNELS[name] = Kernel(single, foreach, prepare)
+    KERNELS[name] = Kernel(single, foreach, prepare, fused)
     cls = type(base.class_name, (LargeBatchOptimizer,),
                {"rule_name": base.name, "__doc__": _doc(base), "__module__": __name__})
     OPTIMIZERS[name] = cls
@@ -167,8 +221,9 @@ def register(name: str, single: Callable, foreach: Callable, prepare: Optional[C
 
 
 # ---------------------------------------------------------------------------------------
-# The base rules: per-tensor (formulas as written) and foreach (same equations, in place),
-# side by side, one register() call each.
+# The base rules, one register() call each: per-tensor (formulas as written; where the
+# update is a per-tensor function ``one``, ``per_tensor`` also gives the fused kernel) and
+# foreach (the same equations, in place), side by side.
 
 def _decayed(group, p, g):
     """d = g + λw where the group decays."""
@@ -182,24 +237,30 @@ def _decayed_foreach(group, ps, gs):
     return gs
 
 
-def _single_sgd(group, ps, gs, states, _):
-    for p, g in zip(ps, gs):
-        p.sub_(group["lr"] * _decayed(group, p, g))
+def _wd(group) -> float:
+    """λ where the group decays, else 0."""
+    return group["weight_decay"] if group["decay"] else 0.0
+
+
+# The ``one`` functions add λw even where λ = 0: a branch on a float would be one more
+# compiled variant (torch.compile keeps eight per function).
+
+def _sgd_one(p, g, t, lr, *, wd):
+    p.sub_(lr * (g + wd * p))
 
 
 def _foreach_sgd(group, ps, gs, states, _):
     torch._foreach_add_(ps, _decayed_foreach(group, ps, gs), alpha=-group["lr"])
 
 
-register("sgd", _single_sgd, _foreach_sgd)
+_single_sgd, _fused_sgd = per_tensor(_sgd_one, (), lambda group: {"wd": _wd(group)})
+register("sgd", _single_sgd, _foreach_sgd, fused=_fused_sgd)
 
 
-def _single_momentum(group, ps, gs, states, _):
-    mu = group["momentum"]
-    for p, g, st in zip(ps, gs, states):
-        d = _decayed(group, p, g)
-        buf = st["momentum_buffer"].mul_(mu).add_(d)
-        p.sub_(group["lr"] * (d + mu * buf if group["nesterov"] else buf))
+def _momentum_one(p, g, buf, t, lr, *, mu, wd, nesterov):
+    d = g + wd * p
+    buf.mul_(mu).add_(d)
+    p.sub_(lr * (d + mu * buf if nesterov else buf))
 
 
 def _foreach_momentum(group, ps, gs, states, _):
@@ -212,68 +273,77 @@ def _foreach_momentum(group, ps, gs, states, _):
     torch._foreach_add_(ps, out, alpha=-group["lr"])
 
 
-register("momentum", _single_momentum, _foreach_momentum)
+_single_momentum, _fused_momentum = per_tensor(
+    _momentum_one, ("momentum_buffer",),
+    lambda group: {"mu": group["momentum"], "wd": _wd(group), "nesterov": group["nesterov"]})
+register("momentum", _single_momentum, _foreach_momentum, fused=_fused_momentum)
 
 
-def _single_adam_u(group, p, g, st):
+def _adam_one(p, g, m, v, t, lr, *, b1, b2, eps, wd, lamb, max_trust):
+    """Adam, u = m̂/(√v̂ + ε) + λw, w ← w − lr·u (SPEC §3); LAMB scales u by ‖w‖/‖u‖ first."""
+    u, m_new, v_new = formulas.adam_direction(T, g, m, v, b1, b2, eps, t)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    u = u + wd * p
+    if lamb:
+        u = formulas.lamb_trust(T, T.norm(p), T.norm(u), max_trust) * u
+    p.sub_(lr * u)
+
+
+def _adam_consts(group, lamb=False):
     b1, b2 = group["betas"]
-    direction, m, v = formulas.adam_direction(T, g, st["exp_avg"], st["exp_avg_sq"], b1, b2,
-                                              group["eps"], st["step"])
-    st["exp_avg"].copy_(m)
-    st["exp_avg_sq"].copy_(v)
-    return _decayed(group, p, direction)
+    return {"b1": b1, "b2": b2, "eps": group["eps"], "wd": _wd(group), "lamb": lamb,
+            "max_trust": group.get("max_trust")}
 
 
 def _foreach_adam_u(group, ps, gs, states):
-    """u = m̂/(√v̂ + ε) + λw as a new list (formulas.adam_direction, in place)."""
+    """u = m̂/(√v̂ + ε) + λw (formulas.adam_direction, in place) in the parameters' scratch.
+
+    With c_i = 1 − β_i^t: m̂/(√v̂ + ε) = (√c₂/c₁)·m/(√v + ε√c₂). No list is allocated.
+    """
     b1, b2 = group["betas"]
     ms = [st["exp_avg"] for st in states]
     vs = [st["exp_avg_sq"] for st in states]
-    steps = [st["step"] for st in states]
-    torch._foreach_mul_(ms, b1)
-    torch._foreach_add_(ms, gs, alpha=1.0 - b1)
+    c1 = [1.0 - b1 ** st["step"] for st in states]
+    c2 = [1.0 - b2 ** st["step"] for st in states]
+    torch._foreach_lerp_(ms, gs, 1.0 - b1)                    # m = β₁m + (1 − β₁)g
     torch._foreach_mul_(vs, b2)
-    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)
-    u = torch._foreach_div(vs, [1.0 - b2 ** t for t in steps])  # the one new list: v̂ → u
+    torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)       # v = β₂v + (1 − β₂)g²
+    u = scratch(ps)
+    torch._foreach_copy_(u, vs)
     torch._foreach_sqrt_(u)
-    torch._foreach_add_(u, group["eps"])
-    torch._foreach_mul_(u, [1.0 - b1 ** t for t in steps])
+    torch._foreach_add_(u, [group["eps"] * math.sqrt(c) for c in c2])
+    torch._foreach_mul_(u, [a / math.sqrt(b) for a, b in zip(c1, c2)])
     torch._foreach_reciprocal_(u)
-    torch._foreach_mul_(u, ms)                                # m̂/(√v̂ + ε)
-    if group["decay"] and group["weight_decay"] != 0.0:
-        torch._foreach_add_(u, ps, alpha=group["weight_decay"])
+    torch._foreach_mul_(u, ms)
+    wd = _wd(group)
+    if wd != 0.0:
+        torch._foreach_add_(u, ps, alpha=wd)
     return u
-
-
-def _single_adam(group, ps, gs, states, _):
-    for p, g, st in zip(ps, gs, states):
-        p.sub_(group["lr"] * _single_adam_u(group, p, g, st))
 
 
 def _foreach_adam(group, ps, gs, states, _):
     torch._foreach_add_(ps, _foreach_adam_u(group, ps, gs, states), alpha=-group["lr"])
 
 
-register("adam", _single_adam, _foreach_adam)
+_single_adam, _fused_adam = per_tensor(_adam_one, ("exp_avg", "exp_avg_sq"), _adam_consts)
+register("adam", _single_adam, _foreach_adam, fused=_fused_adam)
 
 
-def _single_lars(group, ps, gs, states, _):
-    mu = group["momentum"]
-    wd = group["weight_decay"] if group["decay"] else 0.0
-    for p, g, st in zip(ps, gs, states):
-        d = g + wd * p
-        if group["adapt"]:
-            trust = formulas.lars_trust(T, T.norm(p), T.norm(g), group["trust_coefficient"], group["eps"], wd)
-            upd = formulas.lars_scale(T, trust, group["lr"], group["trust_clip"]) * d
-        else:
-            upd = group["lr"] * d
-        buf = st["momentum_buffer"].mul_(mu).add_(upd)
-        p.sub_(upd + mu * buf if group["nesterov"] else buf)
+def _lars_one(p, g, buf, t, lr, *, mu, wd, adapt, trust_coefficient, eps, trust_clip, nesterov):
+    d = g + wd * p
+    if adapt:
+        trust = formulas.lars_trust(T, T.norm(p), T.norm(g), trust_coefficient, eps, wd)
+        upd = formulas.lars_scale(T, trust, lr, trust_clip) * d
+    else:
+        upd = lr * d
+    buf.mul_(mu).add_(upd)
+    p.sub_(upd + mu * buf if nesterov else buf)
 
 
 def _foreach_lars(group, ps, gs, states, _):
     mu = group["momentum"]
-    wd = group["weight_decay"] if group["decay"] else 0.0
+    wd = _wd(group)
     d = torch._foreach_add(gs, ps, alpha=wd) if wd != 0.0 else gs
     if group["adapt"]:
         trust = formulas.lars_trust(T, _norms(ps), _norms(gs), group["trust_coefficient"], group["eps"], wd)
@@ -287,15 +357,12 @@ def _foreach_lars(group, ps, gs, states, _):
     torch._foreach_sub_(ps, out)
 
 
-register("lars", _single_lars, _foreach_lars)
-
-
-def _single_lamb(group, ps, gs, states, _):
-    for p, g, st in zip(ps, gs, states):
-        u = _single_adam_u(group, p, g, st)
-        if group["adapt"]:
-            u = formulas.lamb_trust(T, T.norm(p), T.norm(u), group["max_trust"]) * u
-        p.sub_(group["lr"] * u)
+_single_lars, _fused_lars = per_tensor(
+    _lars_one, ("momentum_buffer",),
+    lambda group: {"mu": group["momentum"], "wd": _wd(group), "adapt": group["adapt"],
+                   "trust_coefficient": group["trust_coefficient"], "eps": group["eps"],
+                   "trust_clip": group["trust_clip"], "nesterov": group["nesterov"]})
+register("lars", _single_lars, _foreach_lars, fused=_fused_lars)
 
 
 def _foreach_lamb(group, ps, gs, states, _):
@@ -306,7 +373,9 @@ def _foreach_lamb(group, ps, gs, states, _):
     torch._foreach_add_(ps, u, alpha=-group["lr"])
 
 
-register("lamb", _single_lamb, _foreach_lamb)
+_single_lamb, _fused_lamb = per_tensor(_adam_one, ("exp_avg", "exp_avg_sq"),
+                                       lambda group: _adam_consts(group, lamb=group["adapt"]))
+register("lamb", _single_lamb, _foreach_lamb, fused=_fused_lamb)
 
 
 def _sngm_scale(work):

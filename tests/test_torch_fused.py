@@ -1,0 +1,113 @@
+"""The fused (torch.compile'd) paths: the rules' per-tensor updates (``fused=True``) and the GSNR
+transform (``gsnr_fused``), tested equal to the per-tensor formulas (issue 11: float64 1e-12,
+float32 1e-6). Compiles once per graph; the first run on a fresh machine takes about a minute."""
+import pytest
+import torch
+
+import hvd_lb.torch as lbt
+from hvd_lb import rules
+from hvd_lb.torch.optimizers import KERNELS
+from tests.test_torch_parity import SEQ, hparams, initial_params, to_dtype
+
+FUSED = sorted(k for k, v in KERNELS.items() if v.fused is not None)
+STEPS = 6
+
+
+def _run(name, hp, dtype, **flags):
+    params = [t.clone().requires_grad_(True) for t in to_dtype(initial_params(), dtype)]
+    opt = lbt.create(name, params, **flags, **hp)
+    for mean, sq in SEQ[:STEPS]:
+        for p, g in zip(params, to_dtype(mean, dtype)):
+            p.grad = g
+        if opt.rule.gsnr:
+            opt.set_grad_sq(to_dtype(sq, dtype))
+        opt.step()
+    return params, opt
+
+
+def test_every_rule_but_the_global_ones_has_a_fused_path():
+    assert FUSED == ["adam", "lamb", "lars", "momentum", "sgd"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["f64", "f32"])
+@pytest.mark.parametrize("config", ["default", "custom"])
+@pytest.mark.parametrize("name", [n for b in FUSED for n in (b, "vr-" + b)])
+def test_fused_equals_per_tensor(name, config, dtype, tol):
+    """Parameters and every state slot (p_t included) after 6 steps, one step all-zero."""
+    hp = hparams(name, config)
+    ref, ref_opt = _run(name, hp, dtype, foreach=False)
+    out, opt = _run(name, hp, dtype, fused=True)
+    assert all(g["fused"] for g in opt.param_groups)
+    if opt.rule.gsnr:
+        assert all(g["gsnr_fused"] for g in opt.param_groups)
+    for p, q in zip(ref, out):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+        for slot in opt.rule.slots:
+            torch.testing.assert_close(opt.state[q][slot], ref_opt.state[p][slot], rtol=tol, atol=tol)
+
+
+def test_gsnr_fused_follows_fused_unless_given():
+    ps = [torch.zeros(3, requires_grad=True)]
+    assert lbt.create("vr-lamb", ps, fused=True).param_groups[0]["gsnr_fused"] is True
+    opt = lbt.create("vr-lamb", ps, fused=True, gsnr_fused=False)
+    assert (opt.param_groups[0]["fused"], opt.param_groups[0]["gsnr_fused"]) == (True, False)
+    assert lbt.create("vr-lamb", ps, gsnr_fused=True).param_groups[0]["fused"] is False
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"name": "lamb", "fused": True, "foreach": True}, "foreach=True with fused=True"),
+    ({"name": "lamb", "fused": 1}, "invalid fused=1"),
+    ({"name": "tvlars", "fused": True}, "fused path exists for adam, lamb, lars, momentum, sgd"),
+    ({"name": "vr-sngm", "fused": True}, "optimizer 'vr-sngm'"),
+])
+def test_bad_fused_arguments_are_clear_errors(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        lbt.create(kwargs.pop("name"), [torch.zeros(3, requires_grad=True)], **kwargs)
+
+
+def test_no_recompile_across_steps_and_learning_rates():
+    """t is a 0-d tensor and lr a graph input: a schedule changing lr every step compiles nothing new."""
+    from torch._dynamo.utils import counters
+    w = torch.randn(64, 8, dtype=torch.float64, requires_grad=True)
+    opt = lbt.create("vr-lamb", [w], lr=0.1, fused=True)
+
+    def step(lr):
+        opt.param_groups[0]["lr"] = lr
+        w.grad = torch.randn_like(w)
+        opt.set_grad_sq([w.grad * w.grad * 2])
+        opt.step()
+
+    step(0.1)
+    step(0.05)
+    graphs = counters["stats"]["unique_graphs"]
+    for lr in (0.04, 0.03, 0.02):
+        step(lr)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert opt.state[w]["step"] == 5 and opt.state[w]["gsnr_step"] == 5
+
+
+def test_fused_state_dict_resumes_exactly():
+    """A checkpoint of a fused optimizer loads into a foreach one and goes on identically."""
+    hp = hparams("vr-adam", "custom")
+    full, _ = _run("vr-adam", hp, torch.float64, fused=True)
+    params = [t.clone().requires_grad_(True) for t in to_dtype(initial_params(), torch.float64)]
+    opt = lbt.create("vr-adam", params, fused=True, **hp)
+    for mean, sq in SEQ[:3]:
+        for p, g in zip(params, to_dtype(mean, torch.float64)):
+            p.grad = g
+        opt.set_grad_sq(to_dtype(sq, torch.float64))
+        opt.step()
+    resumed = lbt.create("vr-adam", params, foreach=True, **hp)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.param_groups[0]["fused"] is True   # the checkpoint's choice comes with it
+    for group in resumed.param_groups:
+        group["fused"], group["gsnr_fused"] = False, False
+    for mean, sq in SEQ[3:STEPS]:
+        for p, g in zip(params, to_dtype(mean, torch.float64)):
+            p.grad = g
+        resumed.set_grad_sq(to_dtype(sq, torch.float64))
+        resumed.step()
+    for p, q in zip(full, params):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+    assert rules.GSNR_SLOT in resumed.state[params[0]]
