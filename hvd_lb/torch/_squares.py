@@ -21,7 +21,8 @@ class MicroBatchSquares:
     def __init__(self):
         self.acc = {}    # p → Σ_m g_m² so far
         self.count = {}  # p → micro-batches accumulated in acc this step
-        self.prev = {}   # p → p.grad after the previous micro-batch
+        self.prev = {}   # p → p.grad after the previous micro-batch (a buffer of self.held)
+        self.held = {}   # p → buffer kept across steps for prev, so no micro-batch allocates
 
     def add(self, p, grad: torch.Tensor, dtype: torch.dtype, keep_prev: bool) -> int:
         """Add (grad − p.grad before)²; ``keep_prev`` when another micro-batch follows.
@@ -31,10 +32,9 @@ class MicroBatchSquares:
         """
         wide = grad.to(dtype)
         prev = self.prev.pop(p, None)
-        g_m = wide if prev is None else wide - prev
-        acc = self.acc.get(p)
-        if acc is None or acc.shape != wide.shape or acc.dtype != wide.dtype:
-            acc = self.acc[p] = torch.empty_like(wide)
+        # g_m = grad − prev goes into prev's buffer, which then holds this grad for the next one.
+        g_m = wide if prev is None else torch.sub(wide, prev, out=prev)
+        acc = self._buffer(self.acc, p, wide)
         n = self.count.get(p, 0)
         if n == 0:
             torch.mul(g_m, g_m, out=acc)
@@ -43,8 +43,15 @@ class MicroBatchSquares:
         self.count[p] = n + 1
         if keep_prev:
             # p.grad is accumulated in place by the next backward: keep a copy.
-            self.prev[p] = wide.clone() if wide is grad else wide
+            self.prev[p] = self._buffer(self.held, p, wide).copy_(wide)
         return n + 1
+
+    @staticmethod
+    def _buffer(store, p, like):
+        b = store.get(p)
+        if b is None or b.shape != like.shape or b.dtype != like.dtype:
+            b = store[p] = torch.empty_like(like)
+        return b
 
     def take(self, p, micro_batches: int):
         """This worker's share of s, (1/M)Σ_m (M·g_m)² = M·Σ_m g_m² (None if no backward reached p).

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from .. import rules
-from ._squares import MicroBatchSquares, follow_rescale, work_dtype
+from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
 from .gsnr import GSNRTransform
 
 try:
@@ -161,8 +161,11 @@ class _DistributedVR(torch.optim.Optimizer):
                 sq = bits.view(torch.bfloat16).reshape(-1, p.numel()).float().mean(0)
             p.grad.set_(self._compression.decompress(grad, ctx))
             self._stats[p] = sq.to(self._work_dtype(p)).view_as(p)
-            self._gnorm[p] = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
             self._delay[p] = self.micro_batches
+        synced = list(self._handles)
+        # One foreach pass in float32 (float64 only on overflow): a float64 norm would copy
+        # every gradient to float64.
+        self._gnorm.update(zip(synced, norms([p.grad for p in synced])))
         self._handles.clear()
         self._synchronized = True
 
@@ -190,15 +193,18 @@ class _DistributedVR(torch.optim.Optimizer):
             else:
                 self.synchronize()
         self._synchronized = False
-        sq = []
+        sq, rescaled = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 s = self._stats.pop(p, None)
                 n0 = self._gnorm.pop(p, None)
+                # Clipping or unscaling since synchronize() changed ‖p.grad‖ (GradScaler's
+                # in-place unscale leaves no version count to tell by).
                 if s is not None and p.grad is not None:
-                    # float64 norms: ‖ḡ‖ of a float32 gradient may overflow float32 (inf/inf).
-                    s = follow_rescale(s, torch.linalg.vector_norm(p.grad, dtype=torch.float64), n0)
+                    rescaled.append((s, p, n0))
                 sq.append(s)
+        for (s, p, n0), n1 in zip(rescaled, norms([p.grad for _, p, _ in rescaled])):
+            follow_rescale(s, n1, n0)
         if self.skip_nonfinite and _skip(self, [t for t in sq if t is not None]):
             return None
         self.set_grad_sq(sq)
