@@ -20,7 +20,8 @@ PYTHONPATH=$PWD OMP_NUM_THREADS=1.
      ``GSNR(AdamW)``; s as float32 and as bfloat16), and one extra all-reduce of every
      gradient timed in the same rounds: "VR extra / one all-reduce" = (VR step − its non-VR
      step) / (that all-reduce);
-   * with ``--fused``: also ``GSNR(AdamW, fused=True)``; the first step (torch.compile) is printed;
+   * with ``--fused``: also ``lamb`` and ``vr-lamb`` with ``fused=True`` (the rule's update and
+     the GSNR maths torch.compile'd) and ``GSNR(AdamW, fused=True)``; first steps (compile) printed;
    * the optimizer step alone (no communication, the same gradients): hvd_lb ``lamb``,
      ``lars``, ``vr-lamb`` (foreach and fused), ``GSNR(AdamW)`` (foreach and fused) vs
      ``torch.optim.AdamW(foreach=True)`` and the Lamb/LARS of timm and pytorch-optimizer
@@ -186,6 +187,8 @@ def distributed(kind, model, micro_batches=1):
     sq = "bfloat16" if kind.endswith("bf16") else "float32"
     if kind.startswith("gsnr-adamw"):
         opt = plain_optimizer("gsnr-adamw-fused" if "fused" in kind else "gsnr-adamw", model)
+    elif kind.endswith("-fused"):
+        opt = plain_optimizer(kind, model)                 # the rule's update and GSNR compiled
     else:
         opt = lbt.create(kind.split("-f32")[0].split("-bf16")[0], model, lr=1e-3, foreach=True)
     return lbt.DistributedOptimizer(opt, named_parameters=named, backward_passes_per_step=micro_batches,
@@ -283,7 +286,8 @@ def report_steps(model_name, med, first, n, args, workers):
               f"{1e3 * c:>8.1f} {c / med['hvd-sgd@cpu']:>10.3f} {c / med['hvd-adamw@cpu']:>12.3f} {first[k]:>13.2f}")
     print(f"  one all-reduce of all gradients: wall {1e3 * ar:.1f} ms ({ar / med['hvd-sgd']:.3f} of a hvd+SGD step), "
           f"cpu {1e3 * arc:.1f} ms")
-    pairs = [(k, "lamb") for k in med if k.startswith("vr-lamb") and not k.endswith("@cpu")] + \
+    pairs = [(k, "lamb-fused" if k.endswith("fused") else "lamb") for k in med
+             if k.startswith("vr-lamb") and not k.endswith("@cpu")] + \
             [(k, "hvd-adamw") for k in med if k.startswith("gsnr-adamw") and not k.endswith("@cpu")]
     for vr, non in pairs:
         extra, extrac = med[vr] - med[non], med[vr + "@cpu"] - med[non + "@cpu"]
@@ -315,7 +319,7 @@ def run_steps(args):
     import horovod.torch as hvd
     hvd.init()
     torch.set_num_threads(1)
-    kinds = STEP_KINDS + (["gsnr-adamw-fused"] if args.fused else [])
+    kinds = STEP_KINDS + (["lamb-fused", "vr-lamb-fused", "gsnr-adamw-fused"] if args.fused else [])
     out = []
     for model_name in args.model.split(","):
         med, first, n = step_bench(model_name, kinds, args)
@@ -333,7 +337,7 @@ def run_steps(args):
 
 # --- 2. peak memory -----------------------------------------------------------------------
 
-MEM_KINDS = ["hvd-sgd", "hvd-adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32"]
+MEM_KINDS = ["hvd-sgd", "hvd-adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32", "vr-lamb-fused"]
 
 
 def mem_worker(args):
