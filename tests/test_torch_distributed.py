@@ -124,6 +124,12 @@ def reference_run(name, clip=None, skip=()):
 
 
 @pytest.mark.multiprocess
+def test_fused_vr_lamb_through_horovod(compat):
+    """fused=True under horovodrun -np 2: the reference's parameters, the same on both ranks."""
+    assert_params(_same_on_ranks(compat, "fused/vr-lamb"), reference_run("vr-lamb").params, 1e-10, "fused")
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("name", ["vr-sgd", "momentum"])
 def test_grad_scaler(compat, name):
     """torch.amp.GradScaler('cpu'): unscale_ after synchronize() gives the unscaled result."""

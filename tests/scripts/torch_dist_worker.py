@@ -136,6 +136,12 @@ def mode_compat(hvd, lbt, _names):
         _steps(hvd, opt, params, 2, 1, STEPS, clip=0.5)
         out[f"clip/{name}"] = [_dump(p) for p in params]
 
+    # fused=True: the rule's update and the GSNR maths torch.compile'd, through Horovod.
+    params = _leaves(init_params())
+    opt = lbt.DistributedOptimizer(lbt.create("vr-lamb", params, fused=True), micro_batches=2)
+    _steps(hvd, opt, params, 2, 1, STEPS)
+    out["fused/vr-lamb"] = [_dump(p) for p in params]
+
     # GradScaler (CPU): scaled backward, synchronize, unscale_, skip_synchronize + scaler.step.
     for name in ("vr-sgd", "momentum"):
         params = _leaves(init_params())
