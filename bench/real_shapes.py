@@ -229,7 +229,7 @@ def step_bench(model_name, kinds, args, micro_batches=1):
 
 
 def solo_bench(model_name, args):
-    """Optimizer step alone on fixed gradients (and s for the VR ones), round-robin."""
+    """Optimizer step alone on fixed gradients (and s for the VR ones), variant by variant."""
     import torch
     base = build(model_name)
     runs, first = {}, {}
@@ -254,8 +254,10 @@ def solo_bench(model_name, args):
             opt.step()
         runs[k] = run
     times = {k: [] for k in runs}
-    for it in range(args.warmup + args.iters):
-        for k, run in runs.items():
+    # One variant's steps back to back, as in a training process: interleaving variants would
+    # let one reuse the heap another freed (on CPU, page faults are a large part of a step).
+    for k, run in runs.items():
+        for it in range(args.warmup + args.iters):
             t0, c0 = time.perf_counter(), time.thread_time()
             run()
             dt = time.perf_counter() - t0

@@ -299,6 +299,11 @@ def _adam_consts(group, lamb=False):
             "max_trust": group.get("max_trust")}
 
 
+def _out_kernels(device) -> bool:
+    """Per-tensor ``out=`` kernels on CPU; foreach (few launches) on accelerators."""
+    return device.type == "cpu"
+
+
 def _foreach_adam_u(group, ps, gs, states):
     """u = m̂/(√v̂ + ε) + λw (formulas.adam_direction, in place) in the parameters' scratch.
 
@@ -313,12 +318,21 @@ def _foreach_adam_u(group, ps, gs, states):
     torch._foreach_mul_(vs, b2)
     torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)       # v = β₂v + (1 − β₂)g²
     u = scratch(ps)
-    torch._foreach_copy_(u, vs)
-    torch._foreach_sqrt_(u)
-    torch._foreach_add_(u, [group["eps"] * math.sqrt(c) for c in c2])
-    torch._foreach_mul_(u, [a / math.sqrt(b) for a, b in zip(c1, c2)])
-    torch._foreach_reciprocal_(u)
-    torch._foreach_mul_(u, ms)
+    eps_hat = [group["eps"] * math.sqrt(c) for c in c2]
+    if _out_kernels(ps[0].device):
+        # One pass each and nothing allocated: on CPU foreach has no out= but a copy.
+        for ui, vi in zip(u, vs):
+            torch.sqrt(vi, out=ui)
+        torch._foreach_add_(u, eps_hat)
+        for ui, mi in zip(u, ms):
+            torch.div(mi, ui, out=ui)
+    else:   # few launches on accelerators
+        torch._foreach_copy_(u, vs)
+        torch._foreach_sqrt_(u)
+        torch._foreach_add_(u, eps_hat)
+        torch._foreach_reciprocal_(u)
+        torch._foreach_mul_(u, ms)
+    torch._foreach_mul_(u, [math.sqrt(b) / a for a, b in zip(c1, c2)])
     wd = _wd(group)
     if wd != 0.0:
         torch._foreach_add_(u, ps, alpha=wd)
