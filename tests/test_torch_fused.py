@@ -115,13 +115,14 @@ def test_fused_state_dict_resumes_exactly():
     assert rules.GSNR_SLOT in resumed.state[params[0]]
 
 
-@pytest.mark.parametrize("name", ["adam", "lamb", "vr-lamb"])
+@pytest.mark.parametrize("name", ["adam", "lamb", "vr-lamb", "vr-momentum"])
 def test_accelerator_foreach_branch_equals_per_tensor(name, monkeypatch):
-    """The foreach Adam/LAMB kernel's accelerator branch (few launches), run here on CPU."""
-    from hvd_lb.torch import optimizers
+    """The foreach kernels' accelerator branch (few launches, no out=), run here on CPU."""
+    from hvd_lb.torch import _ops
     hp = hparams(name, "custom")
     ref, _ = _run(name, hp, torch.float64, foreach=False)
-    monkeypatch.setattr(optimizers, "_out_kernels", lambda device: False)
+    monkeypatch.setattr(_ops, "out_kernels", lambda device: False)
+    monkeypatch.setattr("hvd_lb.torch.optimizers.out_kernels", lambda device: False)
     out, _ = _run(name, hp, torch.float64, foreach=True)
     for p, q in zip(ref, out):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)

@@ -66,6 +66,22 @@ def scratch(params, dtypes=None, tag=""):
     return out
 
 
+def out_kernels(device) -> bool:
+    """Per-tensor ``out=`` kernels on CPU (one pass each, nothing allocated: foreach ops have
+    no real out= there, only a copy); foreach (few launches) on accelerators."""
+    return device.type == "cpu"
+
+
+def mul_into(out, a, b) -> None:
+    """out ← a·b per tensor, ``b`` a list of tensors or of scalars (see ``out_kernels``)."""
+    if out_kernels(out[0].device):
+        for o, x, y in zip(out, a, b):
+            torch.mul(x, y, out=o)
+    else:
+        torch._foreach_copy_(out, a)
+        torch._foreach_mul_(out, b)
+
+
 def flat(*tensors):
     """1-d views where every tensor is contiguous (one compiled graph for all ranks), else as is."""
     if all(t.is_contiguous() for t in tensors):

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, compiled_call, flat, graph_scalar, scratch
+from ._ops import T, compiled_call, flat, graph_scalar, mul_into, scratch
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 _FALLBACK = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": (), "gsnr_fused": False}
@@ -266,12 +266,10 @@ def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, r):
     """
     n = torch.tensor([g.numel() for g in gs], dtype=gs[0].dtype, device=gs[0].device)
     var = ss
-    torch._foreach_copy_(r, ss)
-    torch._foreach_mul_(r, eps_w)                             # ε_w·s
+    mul_into(r, ss, eps_w)                                    # ε_w·s
     torch._foreach_addcmul_(var, gs, gs, value=-1.0)          # s − ḡ²
     torch._foreach_maximum_(var, r)                           # var = max(s − ḡ², ε_w·s)
-    torch._foreach_copy_(r, gs)
-    torch._foreach_mul_(r, gs)                                # ḡ²
+    mul_into(r, gs, gs)                                       # ḡ²
     delta = formulas.DELTA_REL * (_sums(var) / n) + formulas.DELTA_ABS
     torch._foreach_add_(var, _scalars(delta))
     torch._foreach_div_(r, var)                               # r_raw
@@ -284,13 +282,11 @@ def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, r):
     torch._foreach_clamp_max_(r, 1.0)                         # r = clip(r̃, γ, 1)
     if b3 == 0.0:
         torch._foreach_copy_(avgs, r)                         # p_t = r
+        mul_into(ss, gs, r)                                   # ĝ = r·ḡ
     else:
-        torch._foreach_mul_(avgs, b3)
-        torch._foreach_add_(avgs, r, alpha=1.0 - b3)          # p_t = β₃p + (1−β₃)r
-        torch._foreach_copy_(r, avgs)
-        torch._foreach_div_(r, [1.0 - b3 ** t for t in steps])
-    torch._foreach_copy_(ss, gs)
-    torch._foreach_mul_(ss, r)                                # ĝ = p_t/(1−β₃^t)·ḡ
+        torch._foreach_lerp_(avgs, r, 1.0 - b3)               # p_t = β₃p + (1−β₃)r
+        mul_into(ss, gs, avgs)
+        torch._foreach_div_(ss, [1.0 - b3 ** t for t in steps])  # ĝ = p_t/(1−β₃^t)·ḡ
     return ss, avgs, mu, clipped
 
 

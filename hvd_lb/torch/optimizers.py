@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, compiled_call, flat, graph_scalar, scratch
+from ._ops import T, compiled_call, flat, graph_scalar, out_kernels, scratch
 from .gsnr import param_name, transform_class
 
 
@@ -299,11 +299,6 @@ def _adam_consts(group, lamb=False):
             "max_trust": group.get("max_trust")}
 
 
-def _out_kernels(device) -> bool:
-    """Per-tensor ``out=`` kernels on CPU; foreach (few launches) on accelerators."""
-    return device.type == "cpu"
-
-
 def _foreach_adam_u(group, ps, gs, states):
     """u = m̂/(√v̂ + ε) + λw (formulas.adam_direction, in place) in the parameters' scratch.
 
@@ -319,7 +314,7 @@ def _foreach_adam_u(group, ps, gs, states):
     torch._foreach_addcmul_(vs, gs, gs, value=1.0 - b2)       # v = β₂v + (1 − β₂)g²
     u = scratch(ps)
     eps_hat = [group["eps"] * math.sqrt(c) for c in c2]
-    if _out_kernels(ps[0].device):
+    if out_kernels(ps[0].device):
         # One pass each and nothing allocated: on CPU foreach has no out= but a copy.
         for ui, vi in zip(u, vs):
             torch.sqrt(vi, out=ui)
