@@ -7,22 +7,14 @@ import torch
 import hvd_lb.torch as lbt
 from hvd_lb import rules
 from hvd_lb.torch.optimizers import KERNELS
-from tests.test_torch_parity import SEQ, hparams, initial_params, to_dtype
+from tests.test_torch_parity import SEQ, hparams, initial_params, run_torch, to_dtype
 
 FUSED = sorted(k for k, v in KERNELS.items() if v.fused is not None)
 STEPS = 6
 
 
-def _run(name, hp, dtype, **flags):
-    params = [t.clone().requires_grad_(True) for t in to_dtype(initial_params(), dtype)]
-    opt = lbt.create(name, params, **flags, **hp)
-    for mean, sq in SEQ[:STEPS]:
-        for p, g in zip(params, to_dtype(mean, dtype)):
-            p.grad = g
-        if opt.rule.gsnr:
-            opt.set_grad_sq(to_dtype(sq, dtype))
-        opt.step()
-    return params, opt
+def _run(name, hp, dtype, foreach=None, **flags):
+    return run_torch(name, hp, dtype, foreach, SEQ, STEPS, **flags)
 
 
 def test_every_rule_but_the_global_ones_has_a_fused_path():

@@ -56,9 +56,9 @@ def to_dtype(arrays, dtype):
     return [torch.tensor(a, dtype=dtype) for a in arrays]
 
 
-def run_torch(name, hp, dtype, foreach, seq, steps=STEPS):
+def run_torch(name, hp, dtype, foreach, seq, steps=STEPS, **flags):
     params = [t.clone().requires_grad_(True) for t in to_dtype(initial_params(), dtype)]
-    opt = lbt.create(name, params, foreach=foreach, **hp)
+    opt = lbt.create(name, params, foreach=foreach, **flags, **hp)
     for mean, sq in seq[:steps]:
         for p, g in zip(params, to_dtype(mean, dtype)):
             p.grad = g
