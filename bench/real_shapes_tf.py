@@ -16,7 +16,13 @@ PYTHONPATH=$PWD OMP_NUM_THREADS=1.
    hvd_lb non-VR ``lamb``, VR ``vr-lamb`` and ``GSNR(AdamW)`` with s as float32 and as
    bfloat16, and one extra ``hvd.grouped_allreduce`` of every gradient timed in the same
    rounds: "VR extra / one all-reduce" = (VR step − its non-VR step) / (that all-reduce).
-   The first call of each step (tracing) is printed too.
+   The first call of each step (tracing) is printed too. ``--fused`` adds ``lamb``,
+   ``vr-lamb`` (rule and transform) and ``GSNR(AdamW)`` with ``fused=True`` (each variable's
+   maths as one XLA program; their first step includes tracing and the XLA compiles), and
+   times the optimizer's ``apply`` alone for each fused/per-tensor pair, on the model's
+   variables and fixed gradients (no forward/backward, no all-reduce):
+
+    horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python bench/real_shapes_tf.py --fused
 
 2. Peak memory (RSS of rank 0, one horovodrun -np 2 per variant, 3 steps), ratio to the
    AdamW baseline:
@@ -39,6 +45,7 @@ sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", message="hvd_lb: GSNR from k")
 
 KINDS = ["sgd", "adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32", "gsnr-adamw-bf16"]
+FUSED = {"lamb-fused": "lamb", "vr-lamb-f32-fused": "vr-lamb-f32", "gsnr-adamw-f32-fused": "gsnr-adamw-f32"}
 MEM_KINDS = ["sgd", "adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32"]
 
 
@@ -81,21 +88,29 @@ def batch(name, n, seed):
             tf.constant(rng.integers(0, 8000, size=(n, 64))))
 
 
-def optimizer(kind):
+def bare_optimizer(kind):
     import keras
     import hvd_lb.tf as H
-    sq = {"square_dtype": "bfloat16" if kind.endswith("bf16") else "float32"}
+    fused = kind.endswith("-fused")
     if kind == "sgd":
-        return H.DistributedOptimizer(keras.optimizers.SGD(0.01, momentum=0.9))
+        return keras.optimizers.SGD(0.01, momentum=0.9)
     if kind == "adamw":
-        return H.DistributedOptimizer(keras.optimizers.AdamW(1e-3, weight_decay=0.01))
-    if kind == "lamb":
-        return H.DistributedOptimizer(H.create("lamb", learning_rate=1e-3))
+        return keras.optimizers.AdamW(1e-3, weight_decay=0.01)
+    if kind.startswith("lamb"):
+        return H.create("lamb", learning_rate=1e-3, fused=fused)
     if kind.startswith("vr-lamb"):
-        return H.DistributedOptimizer(H.create("vr-lamb", learning_rate=1e-3), **sq)
+        return H.create("vr-lamb", learning_rate=1e-3, fused=fused)
     if kind.startswith("gsnr-adamw"):
-        return H.DistributedOptimizer(H.GSNR(keras.optimizers.AdamW(1e-3, weight_decay=0.01), momentum=0.9), **sq)
+        return H.GSNR(keras.optimizers.AdamW(1e-3, weight_decay=0.01), momentum=0.9, fused=fused)
     raise ValueError(kind)
+
+
+def optimizer(kind):
+    """``bare_optimizer(kind)`` behind hvd_lb's DistributedOptimizer; VR kinds send s as float32 or bf16."""
+    import hvd_lb.tf as H
+    vr = kind.startswith(("vr-", "gsnr-"))
+    return H.DistributedOptimizer(bare_optimizer(kind),
+                                  **({"square_dtype": "bfloat16" if "bf16" in kind else "float32"} if vr else {}))
 
 
 def make_step(model, opt):
@@ -113,12 +128,41 @@ def make_step(model, opt):
     return step
 
 
+def kinds(args):
+    return KINDS + (list(FUSED) if args.fused else [])
+
+
+def timed(runs, args):
+    """``time_rounds`` over ``runs`` (name → callable) between Horovod barriers.
+
+    The fused XLA programs are cached per process: the caches are emptied before each fused
+    variant's first call, so that its first step pays every trace and compile, as a fresh run does.
+    """
+    import tensorflow as tf
+    import horovod.tensorflow as hvd
+    from hvd_lb.tf import gsnr, optimizers
+    cold = set(FUSED)
+
+    def first_cold(k, run):
+        def call():
+            if k in cold:
+                cold.discard(k)
+                gsnr._gsnr_xla.cache_clear()
+                optimizers._update_xla.cache_clear()
+            run()
+        return call
+
+    return time_rounds({k: first_cold(k, run) for k, run in runs.items()},
+                       lambda: hvd.allreduce(tf.constant(0.0), name="bench_barrier").numpy(),
+                       args.warmup, args.iters)
+
+
 def step_bench(model_name, args):
     import tensorflow as tf
     import horovod.tensorflow as hvd
     x, y = batch(model_name, args.batch, hvd.rank())
     steps, n = {}, 0
-    for k in KINDS:
+    for k in kinds(args):
         model = build(model_name)
         n = sum(int(v.shape.num_elements()) for v in model.trainable_variables)
         steps[k] = make_step(model, optimizer(k))
@@ -132,10 +176,36 @@ def step_bench(model_name, args):
         out = allreduce() if k == "allreduce" else steps[k](x, y)
         tf.nest.map_structure(lambda t: t.numpy(), out)
 
-    med, first = time_rounds({k: (lambda k=k: run(k)) for k in KINDS + ["allreduce"]},
-                             lambda: hvd.allreduce(tf.constant(0.0), name="bench_barrier").numpy(),
-                             args.warmup, args.iters)
+    med, first = timed({k: (lambda k=k: run(k)) for k in kinds(args) + ["allreduce"]}, args)
     return med, first, n
+
+
+def make_apply(opt, grads, squares, variables):
+    """One compiled ``opt.apply`` (with s for a GSNR) on ``variables``; the call waits for it."""
+    import tensorflow as tf
+    import hvd_lb.tf as H
+    opt.build(variables)
+
+    @tf.function
+    def apply():
+        if isinstance(opt, H.GSNR):
+            opt.set_grad_sq(squares)
+        opt.apply(grads, variables)
+
+    def run():
+        apply()
+        variables[0].numpy()
+    return run
+
+
+def apply_bench(model_name, args):
+    """``apply`` alone, per-tensor and fused, on the model's variables and fixed gradients."""
+    import tensorflow as tf
+    variables = build(model_name).trainable_variables
+    grads = [tf.random.normal(v.shape, seed=i) for i, v in enumerate(variables)]
+    squares = [g * g + 1.0 for g in grads]  # s ≥ ḡ², as a mean of squares is
+    pairs = [k for fused, non in FUSED.items() for k in (non, fused)]
+    return timed({k: make_apply(bare_optimizer(k), grads, squares, variables) for k in pairs}, args)
 
 
 def report(model_name, med, first, n, args, workers):
@@ -144,11 +214,11 @@ def report(model_name, med, first, n, args, workers):
     ar, arc = med["allreduce"], med["allreduce@cpu"]
     print(f"\n[{model_name}, TF/Keras 3] {n / 1e6:.2f}M parameters, {workers} workers, batch {args.batch}/worker, "
           f"{args.iters} timed rounds (medians; 'cpu' = CPU time of the process)")
-    print(f"  {'variant':<16} {'wall ms':>9} {'/ SGD':>7} {'/ AdamW':>8} {'cpu ms':>8} {'/ SGD':>7} {'/ AdamW':>8} "
+    print(f"  {'variant':<20} {'wall ms':>9} {'/ SGD':>7} {'/ AdamW':>8} {'cpu ms':>8} {'/ SGD':>7} {'/ AdamW':>8} "
           f"{'first step s':>13}")
-    for k in KINDS:
+    for k in kinds(args):
         c = med[k + "@cpu"]
-        print(f"  {k:<16} {1e3 * med[k]:>9.1f} {med[k] / med['sgd']:>7.3f} {med[k] / med['adamw']:>8.3f} "
+        print(f"  {k:<20} {1e3 * med[k]:>9.1f} {med[k] / med['sgd']:>7.3f} {med[k] / med['adamw']:>8.3f} "
               f"{1e3 * c:>8.1f} {c / med['sgd@cpu']:>7.3f} {c / med['adamw@cpu']:>8.3f} {first[k]:>13.2f}")
     print(f"  one grouped all-reduce of all gradients: wall {1e3 * ar:.1f} ms ({ar / med['sgd']:.3f} of an SGD step), "
           f"cpu {1e3 * arc:.1f} ms")
@@ -158,8 +228,26 @@ def report(model_name, med, first, n, args, workers):
         print(f"  VR extra {vr:<15}- {non:<5}: wall {1e3 * extra:7.1f} ms = {extra / ar:5.2f} x one all-reduce, "
               f"step ratio {med[vr] / med[non]:.3f} | cpu {1e3 * extrac:7.1f} ms = {extrac / arc:5.2f} x, "
               f"step ratio {med[vr + '@cpu'] / med[non + '@cpu']:.3f}")
+    for fused, non in FUSED.items() if args.fused else ():
+        print(f"  fused {non:<15}: step wall x{med[fused] / med[non]:.3f}, "
+              f"cpu x{med[fused + '@cpu'] / med[non + '@cpu']:.3f} | first step {first[fused]:.2f} s vs "
+              f"{first[non]:.2f} s ({first[fused] - first[non]:+.2f} s: tracing and XLA compiles)")
     sys.stdout.flush()
     return {"model": model_name, "params": n, "workers": workers, "median_s": med, "first_s": first}
+
+
+def report_apply(model_name, med, first, args):
+    print(f"\n[{model_name}, TF/Keras 3] optimizer apply alone (fixed gradients; no forward/backward, no "
+          f"all-reduce), {args.iters} timed rounds (medians)")
+    print(f"  {'variant':<20} {'wall ms':>9} {'cpu ms':>8} {'first step s':>13}")
+    for fused, non in FUSED.items():
+        for k in (non, fused):
+            print(f"  {k:<20} {1e3 * med[k]:>9.1f} {1e3 * med[k + '@cpu']:>8.1f} {first[k]:>13.2f}")
+    for fused, non in FUSED.items():
+        print(f"  fused {non:<15}: apply wall x{med[fused] / med[non]:.3f}, "
+              f"cpu x{med[fused + '@cpu'] / med[non + '@cpu']:.3f} | first call {first[fused] - first[non]:+.2f} s")
+    sys.stdout.flush()
+    return {"median_s": med, "first_s": first}
 
 
 def run_steps(args):
@@ -174,6 +262,10 @@ def run_steps(args):
         med, first, n = step_bench(model_name, args)
         if hvd.rank() == 0:
             out.append(report(model_name, med, first, n, args, hvd.size()))
+        if args.fused:
+            med, first = apply_bench(model_name, args)
+            if hvd.rank() == 0:
+                out[-1]["apply"] = report_apply(model_name, med, first, args)
     if hvd.rank() == 0 and args.json:
         json.dump(out, open(args.json, "w"), indent=1)
 
@@ -220,6 +312,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="rank 0 writes the medians here")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--fused", action="store_true", help="also time lamb, vr-lamb and GSNR(AdamW) with fused=True")
     ap.add_argument("--mem-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mem_worker:

@@ -44,6 +44,11 @@ def test_model_fit_equals_reference(ranks, name, M):
     assert ranks[0][f"fit/{name}/{M}"]["iterations"] == 12 // M  # real steps, not micro-batches
 
 
+def test_fused_model_fit_equals_reference(ranks):
+    """vr-lamb with fused=True (XLA per variable, rule and transform) under model.fit."""
+    check_case(ranks, "fit-fused/vr-lamb/2", "vr-lamb", 2)
+
+
 def test_model_fit_with_lr_warmup_callback(ranks):
     """LARS, 2 micro-batches, Horovod's LearningRateWarmupCallback from lr/size to lr over epoch 1.
 

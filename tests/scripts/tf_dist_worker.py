@@ -83,6 +83,15 @@ model.fit(X, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
           callbacks=[H.BroadcastGlobalVariablesCallback(0)])
 out["fit-lso/vr-lamb/1"] = {"weights": weights(model)}
 
+# fused=True: the rule and the GSNR maths of each variable as XLA programs, under a real all-reduce.
+model = make_model()
+model.compile(optimizer=H.DistributedOptimizer(H.create("vr-lamb", fused=True, **TEST_HP["vr-lamb"]),
+                                               micro_batches=2), loss="mse")
+X, y = shard(rank)
+model.fit(X, y, batch_size=BATCH, epochs=EPOCHS, shuffle=False, verbose=0,
+          callbacks=[H.BroadcastGlobalVariablesCallback(0)])
+out["fit-fused/vr-lamb/2"] = {"weights": weights(model)}
+
 
 # -- custom loops ------------------------------------------------------------------------
 def mse(model, X, y):
