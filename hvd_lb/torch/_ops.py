@@ -1,4 +1,6 @@
-"""The ops namespace ``B`` that lets ``hvd_lb.formulas`` run on torch tensors."""
+"""torch helpers of the kernels: the ops namespace ``B`` that lets ``hvd_lb.formulas`` run on
+torch tensors, per-parameter scratch buffers, CPU ``out=`` kernels, and the calling
+conventions of the ``torch.compile``d (``fused``) kernels."""
 from __future__ import annotations
 
 import torch
@@ -93,7 +95,8 @@ def graph_scalar(value, device, cache):
     """A value that changes between steps (t, lr) as a float64 0-d tensor graph input.
 
     Every other float reaches a ``torch.compile``d kernel as a constant of the graph (see
-    ``compiled_call``); a Python float here would recompile every step.
+    ``compiled_call``); a Python float here would recompile every step. ``cache`` is one
+    per role (t, lr), so that two roles never share one input tensor.
     """
     if isinstance(value, torch.Tensor):
         return value

@@ -86,11 +86,11 @@ def per_tensor(one: Callable, slots, consts: Callable):
             one(p, g, *[st[k] for k in slots], st["step"], group["lr"], **kw)
 
     def fused(group, ps, gs, states, _):
-        fn, kw, cache = _compile(one), consts(group), {}
+        fn, kw, ts, lrs = _compile(one), consts(group), {}, {}
         for p, g, st in zip(ps, gs, states):
             # p itself, not p.detach(): views of a detached tensor are another graph input.
-            compiled_call(fn, *flat(p, g, *[st[k] for k in slots]), graph_scalar(st["step"], p.device, cache),
-                          graph_scalar(group["lr"], p.device, cache), **kw)
+            compiled_call(fn, *flat(p, g, *[st[k] for k in slots]), graph_scalar(st["step"], p.device, ts),
+                          graph_scalar(group["lr"], p.device, lrs), **kw)
 
     return single, fused
 
