@@ -25,3 +25,18 @@ def time_rounds(runs, barrier, warmup, iters):
     med = {k: statistics.median(v) for k, v in times.items()}
     med.update({k + "@cpu": statistics.median(v) for k, v in cpu.items()})
     return med, first
+
+
+def horovod_torch_rounds(runs, grads, warmup, iters):
+    """``time_rounds`` of ``runs`` plus "allreduce" (one Horovod all-reduce of every tensor in
+    ``grads``, the yardstick of "VR extra"), a Horovod barrier before each run."""
+    import torch
+    import horovod.torch as hvd
+
+    def allreduce():
+        handles = [hvd.allreduce_async_(g, name=f"bench.ar.{i}", op=hvd.Average) for i, g in enumerate(grads)]
+        for h in handles:
+            hvd.synchronize(h)
+
+    return time_rounds({**runs, "allreduce": allreduce},
+                       lambda: hvd.allreduce(torch.zeros(1), name="bench.barrier"), warmup, iters)

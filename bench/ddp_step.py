@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from torch_step import build_model  # noqa: E402
+from torch_step import mlp_setup  # noqa: E402
 
 KINDS = ("adamw", "gsnr-adamw", "lamb", "vr-lamb")
 
@@ -42,11 +42,7 @@ def main():
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     M = args.micro_batches
-    base = build_model()
-    n_params = sum(p.numel() for p in base.parameters())
-    x = torch.randn(args.batch, 1536)
-    y = torch.randint(0, 10, (args.batch,))
-    loss_fn = torch.nn.CrossEntropyLoss()
+    base, n_params, x, y, loss_fn = mlp_setup(args.batch)
 
     def make(kind):
         model = DDP(copy.deepcopy(base))

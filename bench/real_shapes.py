@@ -52,7 +52,7 @@ import time
 import types
 import warnings
 
-from _timing import time_rounds
+from _timing import horovod_torch_rounds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -215,15 +215,7 @@ def step_bench(model_name, kinds, args, micro_batches=1):
             loss_of(model_name, m, xm, ym).backward()
         opt.step()
 
-    def allreduce():
-        hs = [hvd.allreduce_async_(g, name=f"bench.ar.{i}", op=hvd.Average) for i, g in enumerate(grads)]
-        for h in hs:
-            hvd.synchronize(h)
-
-    runs = {k: (lambda k=k: train(k)) for k in kinds}
-    runs["allreduce"] = allreduce
-    med, first = time_rounds(runs, lambda: hvd.allreduce(torch.zeros(1), name="bench.barrier"),
-                             args.warmup, args.iters)
+    med, first = horovod_torch_rounds({k: (lambda k=k: train(k)) for k in kinds}, grads, args.warmup, args.iters)
     n = sum(p.numel() for p in base.parameters())
     return med, first, n
 

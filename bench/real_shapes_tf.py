@@ -114,18 +114,8 @@ def optimizer(kind):
 
 
 def make_step(model, opt):
-    import keras
-    import tensorflow as tf
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    tvs = model.trainable_variables
-
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        opt.apply(tape.gradient(loss, tvs), tvs)
-        return loss
-    return step
+    from tf_step import make_step as mlp_make_step   # one compiled training step, both TF benches
+    return mlp_make_step(model, opt.apply)
 
 
 def kinds(args):

@@ -21,7 +21,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
-from _timing import time_rounds  # noqa: E402
+from _timing import horovod_torch_rounds  # noqa: E402
+
+
+def mlp_setup(batch):
+    """The benchmark MLP, its parameter count, one batch (x, y) and the loss."""
+    base = build_model()
+    x, y = torch.randn(batch, 1536), torch.randint(0, 10, (batch,))
+    return base, sum(p.numel() for p in base.parameters()), x, y, torch.nn.CrossEntropyLoss()
 
 
 def build_model(width=1536, depth=4, seed=0):
@@ -43,11 +50,7 @@ def main():
     import hvd_lb.torch as lbt
     hvd.init()
     torch.set_num_threads(1)
-    base = build_model()
-    n_params = sum(p.numel() for p in base.parameters())
-    x = torch.randn(args.batch, 1536)
-    y = torch.randint(0, 10, (args.batch,))
-    loss_fn = torch.nn.CrossEntropyLoss()
+    base, n_params, x, y, loss_fn = mlp_setup(args.batch)
 
     def make(kind):
         model = copy.deepcopy(base)
@@ -74,15 +77,8 @@ def main():
         loss_fn(model(x), y).backward()
         opt.step()
 
-    def allreduce_all():
-        handles = [hvd.allreduce_async_(g, name=f"bench.ar.{i}", op=hvd.Average) for i, g in enumerate(grads)]
-        for h in handles:
-            hvd.synchronize(h)
-
-    runs = {k: (lambda k=k: train_step(k)) for k in kinds}
-    runs["allreduce"] = allreduce_all
-    med, first = time_rounds(runs, lambda: hvd.allreduce(torch.zeros(1), name="bench.barrier"),
-                             args.warmup, args.iters)
+    med, first = horovod_torch_rounds({k: (lambda k=k: train_step(k)) for k in kinds}, grads,
+                                      args.warmup, args.iters)
 
     # Optimizer step alone, no communication.
     def step_only(name):
