@@ -275,6 +275,16 @@ def from_keras(hparams: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def check_bool(name: str, value, allow_none: bool = False):
+    """A flag (``fused``, ``foreach``, ``adapt``, ...): exactly True or False (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"invalid {name}={value!r}: must be {allowed}")
+    return value
+
+
 def check_micro_batches(micro_batches) -> int:
     """``micro_batches`` (backward passes per step) must be an integer ≥ 1."""
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:

@@ -1,4 +1,4 @@
-"""Argument checks in Keras spelling (``beta_1``, ``epsilon``, ``learning_rate``).
+"""Hyperparameter checks in Keras spelling (``beta_1``, ``epsilon``, ``learning_rate``).
 
 The ranges are ``hvd_lb.rules``' (SPEC §4); only the names in the messages are Keras'.
 """
@@ -33,11 +33,4 @@ def check_learning_rate(value, where: str = ""):
     return value
 
 
-def check_fused(name: str, value) -> bool:
-    """``fused``/``gsnr_fused``: exactly True or False (1, "yes", None are refused)."""
-    if not isinstance(value, bool):
-        raise ValueError(f"invalid {name}={value!r}: must be True or False")
-    return value
-
-
-__all__ = ["check_fused", "check_keras", "check_learning_rate"]
+__all__ = ["check_keras", "check_learning_rate"]

@@ -17,7 +17,7 @@ from keras.src.utils import tracking
 
 from .. import formulas as F
 from .. import grouping, rules
-from ._args import check_fused, check_learning_rate
+from ._args import check_learning_rate
 from ._ops import B, stat_dtype, variable_path
 
 
@@ -137,7 +137,7 @@ class GSNR(keras.optimizers.Optimizer):
             raise ValueError("set loss_scale_factor on GSNR, not on the wrapped optimizer")
         gamma, momentum = rules.check_gsnr(gamma, momentum)
         exclude = grouping.patterns("exclude", exclude)
-        check_fused("fused", fused)
+        rules.check_bool("fused", fused)
         super().__init__(learning_rate=0.0, name=name, **kwargs)
         self.inner_optimizer = optimizer
         self.gamma, self.momentum, self.fused = gamma, momentum, fused

@@ -22,7 +22,7 @@ from keras.src.utils import tracking
 
 from .. import formulas as F
 from .. import grouping, rules
-from ._args import check_fused, check_keras, check_learning_rate
+from ._args import check_keras, check_learning_rate
 from ._ops import B, _like, variable_path
 from .gsnr import GSNR
 
@@ -99,7 +99,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, learning_rate=None, exclude=None, include=None, fused=False, name=None, **kwargs):
         rule = rules.get_rule(self.rule_name)
-        check_fused("fused", fused)
+        rules.check_bool("fused", fused)
         hp, lr_value, base_args = _arguments(rule, learning_rate, kwargs)
         # Keras keeps a float lr in a floatx (float32) variable; ours is float64 so float64
         # models see the exact lr. A placeholder callable stops Keras creating its own.
@@ -221,8 +221,8 @@ class _NamedGSNR(GSNR):
     def __init__(self, learning_rate=None, exclude=None, include=None, fused=False, gsnr_fused=None,
                  name=None, **kwargs):
         rule = rules.get_rule(self.rule_name)
-        check_fused("fused", fused)
-        gsnr_fused = check_fused("gsnr_fused", fused if gsnr_fused is None else gsnr_fused)
+        rules.check_bool("fused", fused)
+        gsnr_fused = rules.check_bool("gsnr_fused", fused if gsnr_fused is None else gsnr_fused)
         hp, lr_value, base_args = _arguments(rule, learning_rate, kwargs)
         base = rules.get_rule(rule.base)
         inner = OPTIMIZERS[base.name](lr_value, exclude=exclude, include=include, fused=fused,

@@ -58,9 +58,7 @@ class GSNRTransform:
         # the rule's own ``fused`` unless given.
         if gsnr_fused is None:
             gsnr_fused = kwargs.get("fused", False) is True
-        if not isinstance(gsnr_fused, bool):
-            raise ValueError(f"invalid gsnr_fused={gsnr_fused!r}: must be True or False")
-        self._gsnr_fused = gsnr_fused
+        self._gsnr_fused = rules.check_bool("gsnr_fused", gsnr_fused)
         super().__init__(params, *args, **kwargs)
         self.defaults["gsnr_fused"] = gsnr_fused
 
@@ -333,8 +331,7 @@ def GSNR(optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float =
         raise ValueError("invalid optimizer: it is already a DistributedOptimizer; apply GSNR first: "
                          "DistributedOptimizer(GSNR(opt), ...)")
     gamma, momentum = rules.check_gsnr(gamma, momentum)
-    if not isinstance(fused, bool):
-        raise ValueError(f"invalid fused={fused!r}: must be True or False")
+    rules.check_bool("fused", fused)
     exclude = grouping.patterns("exclude", exclude)
     clash = sorted(set(_KEYS) & set(optimizer.defaults))
     if clash and not isinstance(optimizer, GSNRTransform):

@@ -31,15 +31,6 @@ from ._ops import T, compiled_call, flat, graph_scalar, out_kernels, scratch
 from .gsnr import param_name, transform_class
 
 
-def _check_bool(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, bool):
-        allowed = "True, False or None" if allow_none else "True or False"
-        raise ValueError(f"invalid {name}={value!r}: must be {allowed}")
-    return value
-
-
 def _norms(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors))
 
@@ -125,10 +116,10 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         if lr is not None:
             hparams["lr"] = lr
         defaults = rules.validate(self.rule.name, hparams)
-        defaults["adapt"] = _check_bool("adapt", adapt)
-        defaults["decay"] = _check_bool("decay", decay)
-        defaults["foreach"] = _check_bool("foreach", foreach, allow_none=True)
-        defaults["fused"] = _check_bool("fused", fused)
+        defaults["adapt"] = rules.check_bool("adapt", adapt)
+        defaults["decay"] = rules.check_bool("decay", decay)
+        defaults["foreach"] = rules.check_bool("foreach", foreach, allow_none=True)
+        defaults["fused"] = rules.check_bool("fused", fused)
         self._param_names: Dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)
 
@@ -139,9 +130,9 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         hp = {h.name: group[h.name] for h in self.rule.hypers}
         group.update(rules.validate(self.rule.name, hp))
         for flag in ("adapt", "decay"):
-            group[flag] = _check_bool(flag, group[flag])
-        group["foreach"] = _check_bool("foreach", group["foreach"], allow_none=True)
-        group["fused"] = _check_bool("fused", group.get("fused", False))
+            group[flag] = rules.check_bool(flag, group[flag])
+        group["foreach"] = rules.check_bool("foreach", group["foreach"], allow_none=True)
+        group["fused"] = rules.check_bool("fused", group.get("fused", False))
         if group["fused"]:
             if group["foreach"]:
                 raise ValueError("invalid foreach=True with fused=True: choose one")
@@ -467,7 +458,7 @@ def create(name: str, model_or_params, lr: Optional[float] = None, exclude=(), i
     rule = rules.get_rule(name)
     cls = OPTIMIZERS[rule.name]
     exclude, include = grouping.patterns("exclude", exclude), grouping.patterns("include", include)
-    _check_bool("foreach", foreach, allow_none=True)
+    rules.check_bool("foreach", foreach, allow_none=True)
     names: Dict[torch.Tensor, str] = {}
     if isinstance(model_or_params, torch.nn.Module):
         named = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
