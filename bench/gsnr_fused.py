@@ -70,8 +70,9 @@ def main():
         t3 = torch.tensor(3.0, dtype=torch.float64)
 
         def fused():
-            return [G.compiled_call(fn, g.view(-1), s.view(-1), a.view(-1), o.view(-1), t3, 0.1, 0.9, 2.0 ** -21)
-                    for g, s, a, o in zip(gs, ss, avgs, outs)]
+            with G.specialized_floats():
+                return [fn(g.view(-1), s.view(-1), a.view(-1), o.view(-1), t3, 0.1, 0.9, 2.0 ** -21)
+                        for g, s, a, o in zip(gs, ss, avgs, outs)]
 
         start = time.perf_counter()
         fused()

@@ -95,7 +95,7 @@ def graph_scalar(value, device, cache):
     """A value that changes between steps (t, lr) as a float64 0-d tensor graph input.
 
     Every other float reaches a ``torch.compile``d kernel as a constant of the graph (see
-    ``compiled_call``); a Python float here would recompile every step. ``cache`` is one
+    ``specialized_floats``); a Python float here would recompile every step. ``cache`` is one
     per role (t, lr), so that two roles never share one input tensor.
     """
     if isinstance(value, torch.Tensor):
@@ -106,13 +106,12 @@ def graph_scalar(value, device, cache):
     return cache[key]
 
 
-def compiled_call(fn, *args, **kwargs):
-    """``fn(*args, **kwargs)`` with Python floats specialized as constants of the graph.
+def specialized_floats():
+    """Context for calling ``torch.compile``d kernels: Python floats become constants of the graph.
 
     torch 2.13 otherwise turns them into 0-d tensor inputs, and Inductor (CPU) then mixed up
     such scalar inputs in the GSNR and Adam kernels (wrong results, caught by
     tests/test_torch_fused.py); hyperparameters are fixed per param group, so constants cost
     one graph per group.
     """
-    with torch._dynamo.config.patch(specialize_float=True):
-        return fn(*args, **kwargs)
+    return torch._dynamo.config.patch(specialize_float=True)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, compiled_call, flat, graph_scalar, mul_into, scratch
+from ._ops import T, flat, graph_scalar, mul_into, scratch, specialized_floats
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 _FALLBACK = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": (), "gsnr_fused": False}
@@ -197,9 +197,10 @@ def _gsnr(group, ps, ss, states, owned):
         # where the state is narrower), ĝ into a buffer kept per parameter.
         fn, cache = _compiled(), {}
         out = scratch(ps, [g.dtype for g in wide], tag="gsnr")
-        res = [compiled_call(fn, *flat(g, s, avg, o), graph_scalar(t, g.device, cache), group["gamma"],
-                             group["gsnr_momentum"], e)
-               for g, s, avg, o, t, e in zip(wide, ss, avgs, out, steps, eps_w)]
+        with specialized_floats():
+            res = [fn(*flat(g, s, avg, o), graph_scalar(t, g.device, cache), group["gamma"],
+                      group["gsnr_momentum"], e)
+                   for g, s, avg, o, t, e in zip(wide, ss, avgs, out, steps, eps_w)]
         mus, clipped = torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
     elif in_place:
         out, avgs, mus, clipped = _gsnr_foreach(wide, ss, avgs, steps, eps_w, group["gamma"],
@@ -237,7 +238,7 @@ def _compiled():
     """``_gsnr_into`` fused by ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU).
 
     One graph (``dynamic=True``) serves every tensor size and step: t is a 0-d tensor, γ, β₃
-    and ε_w are constants (``compiled_call``).  It writes into buffers it is given, so a step allocates
+    and ε_w are constants (``specialized_floats``).  It writes into buffers it is given, so a step allocates
     nothing: on CPU a fresh buffer per tensor per step costs page faults comparable to the
     maths itself.  The generated kernel reads ḡ and s about four times (δ needs mean(var),
     r̃ needs μ_r) against ~20 passes of the foreach path; ``bench/gsnr_fused.py`` measures both.

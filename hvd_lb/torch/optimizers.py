@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, compiled_call, flat, graph_scalar, out_kernels, scratch
+from ._ops import T, flat, graph_scalar, out_kernels, scratch, specialized_floats
 from .gsnr import param_name, transform_class
 
 
@@ -78,10 +78,11 @@ def per_tensor(one: Callable, slots, consts: Callable):
 
     def fused(group, ps, gs, states, _):
         fn, kw, ts, lrs = _compile(one), consts(group), {}, {}
-        for p, g, st in zip(ps, gs, states):
-            # p itself, not p.detach(): views of a detached tensor are another graph input.
-            compiled_call(fn, *flat(p, g, *[st[k] for k in slots]), graph_scalar(st["step"], p.device, ts),
-                          graph_scalar(group["lr"], p.device, lrs), **kw)
+        with specialized_floats():
+            for p, g, st in zip(ps, gs, states):
+                # p itself, not p.detach(): views of a detached tensor are another graph input.
+                fn(*flat(p, g, *[st[k] for k in slots]), graph_scalar(st["step"], p.device, ts),
+                   graph_scalar(group["lr"], p.device, lrs), **kw)
 
     return single, fused
 
@@ -104,7 +105,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
     foreach, and the first step compiles for 22 s (5 s with Inductor's on-disk cache warm).
     Still not the default: it needs a C++ compiler (CPU) or Triton (GPU) at run time, and
     torch 2.13's Inductor miscompiled two of these kernels until they were written around
-    it (``_ops.compiled_call``, ``gsnr._gsnr_into``), so another torch version is only as
+    it (``_ops.specialized_floats``, ``gsnr._gsnr_into``), so another torch version is only as
     safe as ``tests/test_torch_fused.py`` says; foreach works everywhere.
     """
 
