@@ -46,7 +46,7 @@ def test_without_gsnr_bit_identical_to_horovod(runs):
 @pytest.mark.multiprocess
 def test_one_more_line_turns_gsnr_on_and_trains(runs):
     gsnr = runs["gsnr"]
-    assert gsnr["optimizer"] == "GSNRSGD"
+    assert gsnr["optimizer"] == "DistributedGSNR"
     assert gsnr["digest"] != runs["horovod"]["digest"]
     assert gsnr["losses"][-1] < gsnr["losses"][0]
     # Two epochs on 8192 images, k = 2 workers × 2 passes: both well above chance (10 %).

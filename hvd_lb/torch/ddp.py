@@ -23,8 +23,8 @@ docs/SPEC.md §1 with W = world size and k = W·M samples x_{w,m} = M·g_{w,m}:
   float16/bfloat16 and s float32), returns ḡ = (1/k)Σx to DDP and keeps
   s = (1/k)Σx² per parameter (bucket rebuilds change nothing: s is keyed by
   parameter);
-* a step pre-hook hands s to the optimizer (``set_grad_sq``), rescaled by
-  (‖p.grad‖/‖ḡ‖)² so that GradScaler's unscale and gradient clipping apply to s too.
+* the optimizer's step takes s from here (after a closure's backward, if any), rescaled
+  by (‖p.grad‖/‖ḡ‖)² so that GradScaler's unscale and gradient clipping apply to s too.
 
 Optimizers without the GSNR transform need no hook: DDP's own all-reduce already
 gives ḡ, and ``register`` only checks the arguments.
@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import rules
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
-from .gsnr import GSNRTransform
+from .gsnr import GSNR
 
 
 class DDPStatistics:
@@ -50,7 +50,7 @@ class DDPStatistics:
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.k = self.world_size * micro_batches
-        self.gsnr = isinstance(optimizer, GSNRTransform)
+        self.gsnr = isinstance(optimizer, GSNR)
         self._squares = MicroBatchSquares()
         self._stats = {}  # p → s (a view into the bucket's reduced tensor)
         self._norms = {}  # p → ‖ḡ‖, to follow later rescaling
@@ -60,7 +60,7 @@ class DDPStatistics:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(self._accumulate)
         model.register_comm_hook(self, _comm_hook)
-        optimizer.register_step_pre_hook(self._pre_step)
+        optimizer._gsnr_source = self._take
 
     def _accumulate(self, p):
         if p.grad.is_sparse:
@@ -115,11 +115,13 @@ class DDPStatistics:
             self._stats[p] = sq[off:off + p.numel()].view_as(p)
             self._norms[p] = nrm
 
-    def _pre_step(self, optimizer, args, kwargs):
-        # torch runs step pre-hooks again when the transform calls the wrapped class's
-        # step(): s is consumed by the first call, later calls find nothing.
+    def _take(self, optimizer):
+        """s for the optimizer's step, one tensor (or None) per parameter, and ``owned=True``.
+
+        The tensors are views of this step's reduced buckets: the transform may overwrite them.
+        """
         if not self._stats:
-            return None
+            return None, False
         params = [p for group in optimizer.param_groups for p in group["params"]]
         sq = [self._stats.pop(p, None) if p.grad is not None else None for p in params]
         have = [(s, p) for s, p in zip(sq, params) if s is not None]
@@ -127,10 +129,7 @@ class DDPStatistics:
             follow_rescale(s, n1, self._norms[p])
         self._stats.clear()
         self._norms.clear()
-        optimizer.set_grad_sq(sq)
-        # s lives in this step's reduced bucket tensors: the transform may overwrite it.
-        optimizer._gsnr_sq_owned = True
-        return None
+        return {p: s for p, s in zip(params, sq) if s is not None}, True
 
 
 def _offsets(bucket):
@@ -210,7 +209,7 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
     if foreign:
         raise ValueError(f"invalid optimizer: {len(foreign)} of its parameter(s) are not trainable "
                          "parameters of model, so DDP does not reduce them")
-    if isinstance(optimizer, GSNRTransform):
+    if isinstance(optimizer, GSNR):
         workers = dist.get_world_size(group)
         if workers * micro_batches < 2:
             raise ValueError(

@@ -15,13 +15,14 @@ with the gradient all-reduce, averaged locally in float32.
 from __future__ import annotations
 
 import warnings
+import weakref
 from contextlib import contextmanager
 
 import torch
 
 from .. import rules
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
-from .gsnr import GSNRTransform
+from .gsnr import GSNR, unhooked_step
 
 try:
     import horovod.torch as hvd
@@ -34,21 +35,60 @@ except ImportError as e:  # pragma: no cover - horovod is a hard dependency at r
 _UNSET = object()
 
 
-class _DistributedVR(torch.optim.Optimizer):
-    """Mixed into the user's VR optimizer class, the way Horovod builds its wrapper."""
+class _WireDtypes:
+    """Horovod's compression, with bfloat16 gradients sent as float32 and written back as bf16.
 
-    def __init__(self, params, named_parameters, compression, micro_batches, op, process_set,
-                 square_dtype, predivide):
-        super(self.__class__, self).__init__(params)
-        self._compression = compression
+    Horovod 0.28 all-reduces float16 but not bfloat16 (``Tensor type torch.BFloat16Tensor
+    is not supported``); ``compress``/``decompress`` are where Horovod lets a wrapper
+    change what travels.
+    """
+
+    def __init__(self, compression):
+        self.compression = compression
+
+    def compress(self, tensor):
+        dtype = tensor.dtype
+        tensor, ctx = self.compression.compress(tensor.float() if dtype == torch.bfloat16 else tensor)
+        return tensor, (dtype, ctx)
+
+    def decompress(self, tensor, ctx):
+        dtype, ctx = ctx
+        return self.compression.decompress(tensor, ctx).to(dtype)
+
+
+def _weak_hook(opt):
+    """A gradient hook that holds ``opt`` weakly: a deleted optimizer leaves no live hook behind."""
+    ref = weakref.ref(opt)
+
+    def hook(p):
+        opt = ref()
+        if opt is not None:
+            opt._hook(p)
+    return hook
+
+
+class _DistributedGSNR(GSNR):
+    """The GSNR transform fed by Horovod: [ḡ, s] of each tensor in one grouped all-reduce.
+
+    Takes over a ``GSNR`` (same wrapped optimizer, same settings). ``__module__`` is
+    Horovod's so that ``hvd.broadcast_optimizer_state`` recognises a DistributedOptimizer
+    and initialises state with the transform's local step (``super(cls, opt).step()``),
+    never all-reducing.
+    """
+
+    def __init__(self, gsnr, named_parameters, compression, micro_batches, op, process_set,
+                 square_dtype, predivide, skip_nonfinite):
+        GSNR.__setstate__(self, GSNR.__getstate__(gsnr))
+        self._compression = _WireDtypes(compression)
         # Horovod's gradient_predivide_factor f: 1/f before the sum, f/size after (same mean).
         self._scale = (1.0 / predivide, predivide)
         self.micro_batches = micro_batches
         self.op = op
         self.process_set = process_set
         self.square_dtype = square_dtype
+        self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
         self._parameter_names = _names(self, named_parameters)
-        self._param_names = dict(self._parameter_names)
+        self._param_names.update(self._parameter_names)
         self._delay = {p: micro_batches for p in self._parameter_names}
         self._squares = MicroBatchSquares()  # Σ_m g_m² per tensor over this step's micro-batches
         self._handles = {}   # p → (kind, handle(s), compression ctx)
@@ -63,6 +103,15 @@ class _DistributedVR(torch.optim.Optimizer):
         for group in self.param_groups:
             self._hook_group(group)
 
+    def __del__(self):
+        for h in getattr(self, "_hooks", ()):
+            h.remove()
+
+    def __getstate__(self):
+        raise TypeError("a DistributedOptimizer cannot be pickled or deep-copied (it holds gradient hooks "
+                        "and Horovod handles): save or copy opt.state_dict(), or the optimizer it wraps, "
+                        "and wrap the copy in its own DistributedOptimizer")
+
     def _hook_group(self, group):
         if not self.process_set.included():
             return
@@ -71,17 +120,16 @@ class _DistributedVR(torch.optim.Optimizer):
             if p.requires_grad and p not in self._requires_update:
                 self._requires_update.add(p)
                 self._delay[p] = self.micro_batches
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+                self._hooks.append(p.register_post_accumulate_grad_hook(_weak_hook(self)))
 
     def add_param_group(self, param_group):
         """Horovod's rule: a group added after wrapping is reduced too (named by position)."""
-        super(self.__class__, self).add_param_group(param_group)
-        if hasattr(self, "_hooks"):  # not during __init__
-            group, i = self.param_groups[-1], len(self.param_groups) - 1
-            for j, p in enumerate(group["params"]):
-                self._parameter_names.setdefault(p, f"allreduce.noname.{i}.{j}")
-                self._param_names.setdefault(p, self._parameter_names[p])
-            self._hook_group(group)
+        GSNR.add_param_group(self, param_group)
+        group, i = self.param_groups[-1], len(self.param_groups) - 1
+        for j, p in enumerate(group["params"]):
+            self._parameter_names.setdefault(p, f"allreduce.noname.{i}.{j}")
+            self._param_names.setdefault(p, self._parameter_names[p])
+        self._hook_group(group)
 
     # --- per-backward work ----------------------------------------------------------
 
@@ -150,8 +198,12 @@ class _DistributedVR(torch.optim.Optimizer):
                 "gradient samples, so the GSNR statistics would be stale (call backward() "
                 f"{self.micro_batches} time(s) per step)")
         self._backward_seen = False
+        alone = self.process_set.size() == 1
         for p in self._requires_update - set(self._handles):
-            self._enqueue(p)
+            # One process: a parameter no backward reached keeps grad None and is not stepped,
+            # as in torch. Several: zeros, so that every rank reduces and steps it alike.
+            if not (alone and p.grad is None):
+                self._enqueue(p)
         for p, (kind, handle, ctx) in self._handles.items():
             if kind == "grouped":
                 grad, sq = hvd.synchronize(handle)
@@ -161,6 +213,7 @@ class _DistributedVR(torch.optim.Optimizer):
                 sq = bits.view(torch.bfloat16).reshape(-1, p.numel()).float().mean(0)
             p.grad.set_(self._compression.decompress(grad, ctx))
             self._stats[p] = sq.to(self._work_dtype(p)).view_as(p)
+        for p in self._delay:
             self._delay[p] = self.micro_batches
         synced = list(self._handles)
         # One foreach pass in float32 (float64 only on overflow): a float64 norm would copy
@@ -178,13 +231,20 @@ class _DistributedVR(torch.optim.Optimizer):
         finally:
             self._should_synchronize = True
 
+    # Eager under torch.compile(opt.step): Horovod's collectives are calls into C that Dynamo
+    # cannot trace, and the bookkeeping keyed by parameter does not survive its graph breaks.
+    @torch._dynamo.disable
     def step(self, closure=None):
-        """Synchronize (unless skipped), hand s to the rule, step.
+        """Run ``closure`` (its backward feeds the all-reduce), synchronize (unless skipped), step.
 
         s follows any uniform rescaling of ḡ made after ``synchronize()``
         (GradScaler's unscale, norm clipping): every sample is rescaled alike,
         so s is multiplied by (‖g_now‖/‖ḡ‖)² per tensor.
         """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         if self._should_synchronize:
             if self._synchronized:
                 # Horovod reduces again (the mean of equal values); s of the first reduction stands.
@@ -193,7 +253,7 @@ class _DistributedVR(torch.optim.Optimizer):
             else:
                 self.synchronize()
         self._synchronized = False
-        sq, rescaled = [], []
+        sq, rescaled = {}, []
         for group in self.param_groups:
             for p in group["params"]:
                 s = self._stats.pop(p, None)
@@ -202,15 +262,15 @@ class _DistributedVR(torch.optim.Optimizer):
                 # in-place unscale leaves no version count to tell by).
                 if s is not None and p.grad is not None:
                     rescaled.append((s, p, n0))
-                sq.append(s)
+                    sq[p] = s
         for (s, p, n0), n1 in zip(rescaled, norms([p.grad for _, p, _ in rescaled])):
             follow_rescale(s, n1, n0)
-        if self.skip_nonfinite and _skip(self, [t for t in sq if t is not None]):
-            return None
-        self.set_grad_sq(sq)
+        if self.skip_nonfinite and _skip(self, list(sq.values())):
+            return loss
         # s is this wrapper's buffer (or a fresh tensor): the transform may overwrite it.
-        self._gsnr_sq_owned = True
-        return super(self.__class__, self).step(closure)
+        self._gsnr_sq, self._gsnr_sq_owned = sq, True
+        self._gsnr_step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True):
         if self._handles:
@@ -223,9 +283,9 @@ class _DistributedVR(torch.optim.Optimizer):
                 f"optimizer.zero_grad() between micro-batches: with micro_batches={self.micro_batches} "
                 "gradients accumulate over the backward passes of one step; call zero_grad() once "
                 "per step, after optimizer.step()")
-        return super(self.__class__, self).zero_grad(set_to_none)
+        return GSNR.zero_grad(self, set_to_none)
 
-    def load_state_dict(self, *args, **kwargs):
+    def load_state_dict(self, state_dict):
         self._handles.clear()
         self._squares.clear()
         self._stats.clear()
@@ -235,7 +295,13 @@ class _DistributedVR(torch.optim.Optimizer):
         self._backward_seen = False
         for p in self._delay:
             self._delay[p] = self.micro_batches
-        super(self.__class__, self).load_state_dict(*args, **kwargs)
+        GSNR.load_state_dict(self, state_dict)
+
+
+# Horovod's broadcast_optimizer_state recognises its wrappers by module and then steps the
+# base class only (never all-reducing); ours must be recognised the same way.
+_DistributedGSNR.__module__ = _hvd_optimizer.DistributedOptimizer.__module__ if hvd is not None else __name__
+_DistributedGSNR.__qualname__ = _DistributedGSNR.__name__ = "DistributedGSNR"
 
 
 def _skip(opt, extra=()) -> bool:
@@ -254,26 +320,25 @@ def _skip(opt, extra=()) -> bool:
     return True
 
 
-def _with_skip(wrapped):
-    """Horovod's own wrapper (no GSNR) with ``skip_nonfinite``: an instance-level step.
-
-    Horovod's class calls ``super(self.__class__, self)``, so it cannot be subclassed again.
-    """
-    cls_step = type(wrapped).step
-
-    def step(self, closure=None):
-        if self._should_synchronize and not self._synchronized:
-            self.synchronize()
-        if _skip(self):
-            self._synchronized = False
-            return None
-        with self.skip_synchronize():
-            out = cls_step(self, closure)
-        self._synchronized = False
-        return out
-
-    wrapped.step = step.__get__(wrapped)
-    return wrapped
+@torch._dynamo.disable  # eager under torch.compile(opt.step), as _DistributedGSNR.step
+def _horovod_step(self, closure=None):
+    """Horovod's step, with the closure run first (its backward feeds the all-reduce), torch's
+    hooks run once (Horovod's calls the hooked step of its base class inside its own hooked
+    step) and ``skip_nonfinite``."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if self._should_synchronize:
+        if self._synchronized:
+            warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
+                          "optimizer.synchronize(). This can cause training slowdown.")
+        self.synchronize()
+    self._synchronized = False
+    if self.skip_nonfinite and _skip(self):
+        return loss
+    unhooked_step(self, type(self).__mro__[1])()
+    return loss
 
 
 def _names(opt, named_parameters):
@@ -360,10 +425,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     elif getattr(optimizer, "_param_names", None):
         names = dict(optimizer._param_names)
 
-    if not isinstance(optimizer, GSNRTransform):
+    if not isinstance(optimizer, GSNR):
         # Exactly Horovod's wrapper: one all-reduce per gradient.
         wrapped = hvd.DistributedOptimizer(
-            optimizer, named_parameters=named_parameters, compression=compression,
+            optimizer, named_parameters=named_parameters, compression=_WireDtypes(compression),
             backward_passes_per_step=micro_batches, op=op,
             gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups, groups=groups,
             sparse_as_dense=sparse_as_dense, process_set=process_set)
@@ -372,7 +437,12 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         elif names:
             wrapped._param_names = names
         wrapped.skip_nonfinite, wrapped.skipped_steps = skip_nonfinite, 0
-        return _with_skip(wrapped) if skip_nonfinite else wrapped
+        # Horovod builds a new class per call: its step becomes ours, hooked once by torch.
+        type(wrapped).step = torch.optim.Optimizer.profile_hook_step(_horovod_step)
+        type(wrapped).step.hooked = True
+        # torch's pickling keeps only defaults, state and groups: a copy would lose Horovod's hooks.
+        type(wrapped).__getstate__ = _DistributedGSNR.__getstate__
+        return wrapped
 
     rules.check_gsnr_op(op, type(optimizer).__name__)
     if num_groups or groups is not None:
@@ -384,21 +454,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         square_dtype = rules.square_wire_dtype(square_dtype, process_set.size())
     if named_parameters is None and names:
         named_parameters = [(n, p) for p, n in names.items()]
-    body = dict(_DistributedVR.__dict__)
-    # Horovod's broadcast_optimizer_state recognises its wrappers by module and then steps
-    # the base class only (never all-reducing); our class must be recognised the same way.
-    body["__module__"] = _hvd_optimizer.DistributedOptimizer.__module__
-    cls = type(optimizer.__class__.__name__, (optimizer.__class__,), body)
-    wrapped = cls(optimizer.param_groups, named_parameters, compression, micro_batches, op, process_set,
-                  square_dtype, float(gradient_predivide_factor))
-    # Unlike Horovod's wrapper, keep the state the optimizer already had (e.g. a loaded checkpoint).
-    for p, st in optimizer.state.items():
-        wrapped.state[p] = st
-    wrapped.defaults.update(optimizer.defaults)
-    for group in wrapped.param_groups:
-        wrapped._init_gsnr_state(group)
-    wrapped.skip_nonfinite, wrapped.skipped_steps = skip_nonfinite, 0
-    return wrapped
+    return _DistributedGSNR(optimizer, named_parameters, compression, micro_batches, op, process_set,
+                            square_dtype, float(gradient_predivide_factor), skip_nonfinite)
 
 
 def _micro_batches(backward_passes_per_step, micro_batches) -> int:

@@ -1,22 +1,23 @@
 """The GSNR transform (VRGD §4, docs/SPEC.md §2) in front of any ``torch.optim.Optimizer``.
 
-``GSNR(opt)`` gives an optimizer of a subclass of ``type(opt)`` whose ``step()``
-replaces each gradient ḡ by
+``GSNR(opt)`` is an optimizer whose ``step()`` replaces each gradient ḡ by
 
     ĝ = p̂ ⊙ ḡ,   p_t = β₃p_{t−1} + (1 − β₃)r,   p̂ = p_t/(1 − β₃^t),
     r = clip(r_raw/mean(r_raw), γ, 1),   r_raw = ḡ²/(max(s − ḡ², ε_w·s) + δ),
 
-runs the wrapped rule on ĝ and puts ḡ back into ``p.grad``.  s = (1/k)Σx² comes
-from ``hvd_lb.torch.DistributedOptimizer`` (or ``set_grad_sq``).  Every ``vr-X``
-optimizer is this transform in front of ``X``.
+runs ``opt``'s own step on ĝ and puts ḡ back into ``p.grad``.  s = (1/k)Σx² comes
+from ``hvd_lb.torch.DistributedOptimizer``, ``hvd_lb.torch.ddp.register`` or
+``set_grad_sq``.  Every ``vr-X`` optimizer is this transform in front of ``X``.
 
-Like Horovod's wrapper, the class is built with ``type(name, (cls, ...), ...)`` and
-everything it needs lives in the param groups (``gamma``, ``gsnr_momentum``,
-``gsnr_exclude``), so Horovod can rebuild it from ``param_groups``.  p_t and the
-transform's step count are the state entries ``gsnr_avg`` and ``gsnr_step``; for
-optimizers that create their state lazily (``torch.optim``) they are added after
-the wrapped rule's first step, because those rules initialise a parameter's state
-only while it is empty.
+Composition, not a rebuilt subclass of ``type(opt)``: the transform holds ``opt``
+and shares its ``param_groups``, ``state``, ``defaults`` and hook registries, so a
+hook runs once per step, ``add_param_group`` gets ``opt``'s constructor values, and
+``copy.deepcopy``/pickle keep both.  γ, β₃ and the excluded indices live in the
+param groups (``gamma``, ``gsnr_momentum``, ``gsnr_exclude``, ``gsnr_fused``), p_t and
+the transform's step count in the state (``gsnr_avg``, ``gsnr_step``), so
+``opt.state_dict()`` carries everything; for optimizers that build state lazily
+(``torch.optim``) they are added after the wrapped rule's first step, because those
+rules initialise a parameter's state only while it is empty.
 """
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ from .. import formulas, grouping, rules
 from ._ops import T, flat, graph_scalar, mul_into, scratch, specialized_floats
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
-_FALLBACK = {"gamma": rules.GAMMA.default, "gsnr_momentum": 0.0, "gsnr_exclude": (), "gsnr_fused": False}
 
 
 def param_name(opt, p) -> str:
@@ -45,48 +45,170 @@ def param_name(opt, p) -> str:
     raise KeyError("parameter not in this optimizer")
 
 
-class GSNRTransform:
-    """Mixed in front of an optimizer class; see the module docstring."""
+def _shared(name: str, doc: str):
+    """An attribute that is the wrapped optimizer's own (read and assigned through)."""
+    return property(lambda self: getattr(self.optimizer, name),
+                    lambda self, value: setattr(self.optimizer, name, value), doc=doc)
 
-    _gsnr_sq: Optional[Dict[torch.Tensor, torch.Tensor]] = None
-    _gsnr_sq_owned = False   # True: step() may overwrite the s tensors (the wrapper's buffers)
-    _gsnr_diag: tuple = ()
-    _gsnr_fused = False
 
-    def __init__(self, params, *args, gsnr_fused: Optional[bool] = None, **kwargs):
-        # Named vr- classes take ``gsnr_fused`` beside the rule's hyperparameters; it follows
-        # the rule's own ``fused`` unless given.
-        if gsnr_fused is None:
-            gsnr_fused = kwargs.get("fused", False) is True
-        self._gsnr_fused = rules.check_bool("gsnr_fused", gsnr_fused)
-        super().__init__(params, *args, **kwargs)
-        self.defaults["gsnr_fused"] = gsnr_fused
+def unhooked_step(opt: torch.optim.Optimizer, cls: Optional[type] = None):
+    """The ``step`` of ``cls`` (default ``type(opt)``) without torch's hook wrapper, bound to ``opt``.
 
-    def add_param_group(self, param_group):
-        """Add a group; ``gamma``/``gsnr_momentum`` default to the optimizer's (SPEC §2 ranges)."""
-        first = self.param_groups[0] if self.param_groups else {}
-        for key in _KEYS:
-            if key not in param_group:
-                fallback = self._gsnr_fused if key == "gsnr_fused" else _FALLBACK[key]
-                param_group[key] = self.defaults.get(key, first.get(key, fallback))
-        param_group["gamma"], param_group["gsnr_momentum"] = rules.check_gsnr(
-            param_group["gamma"], param_group["gsnr_momentum"])
-        param_group["gsnr_exclude"] = tuple(param_group["gsnr_exclude"])
-        super().add_param_group(param_group)
-        self._init_gsnr_state(self.param_groups[-1])
+    A wrapper runs the hooks once around its own step; calling the wrapped optimizer's
+    ``step()`` would run every registered and global hook a second time.
+    """
+    cls = type(opt) if cls is None else cls
+    fn = cls.step
+    if getattr(fn, "hooked", False):
+        fn = getattr(fn, "__wrapped__", fn)
+    return fn.__get__(opt, cls)
 
-    def _init_gsnr_state(self, group) -> None:
-        """p_0 = 0 and t = 0 beside state the wrapped rule built eagerly (hvd_lb's rules).
 
-        Lazily built state (torch.optim) gets them after the first step instead, so every
-        rank holds the same keys for ``hvd.broadcast_optimizer_state``.
+def _gsnr_slot(p: torch.Tensor) -> torch.Tensor:
+    """p_0 = 0 in float32 or wider (bf16/fp16 parameters keep p_t in float32)."""
+    return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+
+class GSNR(torch.optim.Optimizer):
+    """Put the GSNR transform (VRGD §4, docs/SPEC.md §2) in front of any torch optimizer.
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (``AdamW``, timm's ``Lamb``, hvd_lb's own)
+            except ``LBFGS`` (its closure re-evaluates gradients that have no statistics).
+            Its param groups, state and hooks are shared, not copied.
+        gamma: γ ∈ (0, 1], the floor of r. γ = 1 gives exactly ``optimizer``.
+        momentum: β₃ ∈ [0, 1), GSNR momentum (VR-Adam and VR-LAMB use 0.9).
+        exclude: fnmatch patterns of parameter names that get ḡ unscaled (default: none,
+            GSNR applies to every tensor); names come from ``named_parameters`` or from
+            ``hvd_lb.torch.create(name, model)``.
+        named_parameters: ``model.named_parameters()``, for ``exclude`` and diagnostics.
+        fused: compute r and ĝ per tensor in one ``torch.compile``d kernel instead of the
+            foreach/per-tensor paths chosen by the group's ``foreach`` flag: 2.1–2.8× faster
+            on CPU (``bench/gsnr_fused.py``), compiled on the first step; opt-in for the
+            reasons in ``LargeBatchOptimizer``'s docstring. Named ``vr-*`` classes take
+            ``gsnr_fused`` (default: their ``fused``).
+
+    Use it in place of ``optimizer``, inside ``hvd_lb.torch.DistributedOptimizer`` (which
+    gives it s), with ``state_dict``/``load_state_dict``, LR schedulers, hooks and
+    ``gsnr_diagnostics()``. ``optimizer`` is the ``.optimizer`` attribute.
+    """
+
+    param_groups = _shared("param_groups", "the wrapped optimizer's param groups (with γ, β₃)")
+    state = _shared("state", "the wrapped optimizer's state (with p_t, the transform's t)")
+    defaults = _shared("defaults", "the wrapped optimizer's defaults (with γ, β₃)")
+    _param_names = _shared("_param_names", "parameter → name, for exclude and diagnostics")
+    _optimizer_step_pre_hooks = _shared("_optimizer_step_pre_hooks", "the wrapped optimizer's")
+    _optimizer_step_post_hooks = _shared("_optimizer_step_post_hooks", "the wrapped optimizer's")
+    _optimizer_state_dict_pre_hooks = _shared("_optimizer_state_dict_pre_hooks", "the wrapped optimizer's")
+    _optimizer_state_dict_post_hooks = _shared("_optimizer_state_dict_post_hooks", "the wrapped optimizer's")
+    _optimizer_load_state_dict_pre_hooks = _shared("_optimizer_load_state_dict_pre_hooks", "the wrapped optimizer's")
+    _optimizer_load_state_dict_post_hooks = _shared("_optimizer_load_state_dict_post_hooks", "the wrapped optimizer's")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float = 0.0,
+                 exclude=(), named_parameters=None, fused: bool = False):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"invalid optimizer={optimizer!r}: must be a torch.optim.Optimizer")
+        if isinstance(optimizer, GSNR):
+            raise ValueError(f"invalid optimizer={type(optimizer).__name__}: it already has the GSNR transform")
+        if hasattr(optimizer, "synchronize") and hasattr(optimizer, "_parameter_names"):
+            raise ValueError("invalid optimizer: it is already a DistributedOptimizer; apply GSNR first: "
+                             "DistributedOptimizer(GSNR(opt), ...)")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("invalid optimizer=LBFGS: its closure re-evaluates gradients inside step(), "
+                             "which have no gradient statistics; use a first-order optimizer")
+        gamma, momentum = rules.check_gsnr(gamma, momentum)
+        rules.check_bool("fused", fused)
+        exclude = grouping.patterns("exclude", exclude)
+        clash = sorted(set(_KEYS) & set(optimizer.defaults))
+        if clash and clash != sorted(_KEYS):  # all four: it was wrapped before (a reload)
+            raise ValueError(f"invalid optimizer={type(optimizer).__name__}: its param groups already use "
+                             f"{', '.join(clash)}, which the GSNR transform keeps there")
+        self.optimizer = optimizer
+        if not isinstance(getattr(optimizer, "_param_names", None), dict):
+            optimizer._param_names = {}
+        if named_parameters is not None:
+            self._param_names.update({p: n for n, p in named_parameters})
+        self._exclude = exclude
+        self.defaults.update(gamma=gamma, gsnr_momentum=momentum, gsnr_exclude=(), gsnr_fused=fused)
+        for group in self.param_groups:
+            for key in _KEYS:
+                # A group's own γ/β₃ (vr- classes take them per group) stays; a re-wrap sets anew.
+                if clash or key not in group:
+                    group[key] = self.defaults[key]
+            self._setup_group(group)
+        self._gsnr_sq = None       # s for the next step (set_grad_sq)
+        self._gsnr_sq_owned = False  # True: the step may overwrite the s tensors (a wrapper's buffers)
+        self._gsnr_source = None   # callable giving s when none was set (ddp.register)
+        self._gsnr_diag = ()
+        self._patch_step_function()
+
+    def _setup_group(self, group) -> None:
+        """Check γ, β₃ (SPEC §2 ranges), resolve ``exclude`` to indices, add p_0 = 0 and t = 0.
+
+        p_0 and t go beside state the wrapped rule built eagerly (hvd_lb's rules); lazily
+        built state (torch.optim) gets them after the first step instead, so every rank
+        holds the same keys for ``hvd.broadcast_optimizer_state``.
         """
+        group["gamma"], group["gsnr_momentum"] = rules.check_gsnr(group["gamma"], group["gsnr_momentum"])
+        group["gsnr_fused"] = rules.check_bool("gsnr_fused", group["gsnr_fused"])
+        if self._exclude and not group["gsnr_exclude"]:
+            names = self._param_names
+            if any(p not in names for p in group["params"]):
+                raise ValueError("invalid exclude: parameter names are unknown; pass "
+                                 "named_parameters=model.named_parameters()")
+            group["gsnr_exclude"] = tuple(j for j, p in enumerate(group["params"])
+                                          if any(fnmatchcase(names[p], pat) for pat in self._exclude))
+        group["gsnr_exclude"] = tuple(group["gsnr_exclude"])
         skip = set(group["gsnr_exclude"])
         for j, p in enumerate(group["params"]):
             st = self.state.get(p)
             if st and j not in skip:
-                st.setdefault(rules.GSNR_SLOT, torch.zeros_like(p))
+                st.setdefault(rules.GSNR_SLOT, _gsnr_slot(p))
                 st.setdefault("gsnr_step", 0)
+
+    # --- torch.optim.Optimizer, delegated ------------------------------------------------
+
+    def add_param_group(self, param_group) -> None:
+        """The wrapped optimizer's ``add_param_group`` (its defaults), then γ, β₃ as the transform's."""
+        self.optimizer.add_param_group(param_group)
+        self._setup_group(self.param_groups[-1])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+    def state_dict(self):
+        """The wrapped optimizer's state dict: its state plus p_t and t, groups with γ, β₃."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load into the wrapped optimizer; state dicts of older hvd_lb versions load too."""
+        self.optimizer.load_state_dict(state_dict)
+        for st in self.state.values():
+            # Before the transform kept its own count, p_t's count was the rule's ``step``.
+            if isinstance(st, dict) and rules.GSNR_SLOT in st and "gsnr_step" not in st and "step" in st:
+                st["gsnr_step"] = int(st["step"])
+        for group in self.param_groups:
+            for key in _KEYS:  # saved before the key existed
+                group.setdefault(key, self.defaults[key])
+            self._setup_group(group)
+
+    def __getstate__(self):
+        return {"optimizer": self.optimizer, "_exclude": self._exclude}
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_exclude", ())
+        self._gsnr_sq, self._gsnr_sq_owned, self._gsnr_source, self._gsnr_diag = None, False, None, ()
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        g = self.defaults
+        return f"GSNR(gamma={g['gamma']}, momentum={g['gsnr_momentum']}, optimizer={self.optimizer!r})"
+
+    # --- the transform ----------------------------------------------------------------------
+
+    def param_name(self, p: torch.Tensor) -> str:
+        return param_name(self, p)
 
     def set_grad_sq(self, sq) -> None:
         """Give s = (1/k)Σx² (SPEC §1), one tensor (or None) per parameter in param-group order.
@@ -117,15 +239,21 @@ class GSNRTransform:
                 out[param_name(self, p)] = {"mean_gsnr": float(mu), "clipped_fraction": float(c)}
         return out
 
-    @torch.no_grad()
     def step(self, closure=None):
-        """ĝ into ``p.grad``, the wrapped rule's step, ḡ back into ``p.grad``."""
+        """Run ``closure`` (if given), ĝ into ``p.grad``, the wrapped rule's step, ḡ back."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._gsnr_step()
+        return loss
+
+    @torch.no_grad()
+    def _gsnr_step(self) -> None:
         sq, self._gsnr_sq = self._gsnr_sq, None
         owned, self._gsnr_sq_owned = self._gsnr_sq_owned, False
+        if sq is None and self._gsnr_source is not None:
+            sq, owned = self._gsnr_source(self)
         diag, swapped, new_state = [], [], []
         for group in self.param_groups:
             skip = set(group["gsnr_exclude"])
@@ -140,7 +268,7 @@ class GSNRTransform:
                 p.grad = g_hat
                 new_state.append((p, avg, t))
         try:
-            super().step()
+            unhooked_step(self.optimizer)()
         finally:
             for p, g in swapped:
                 p.grad = g
@@ -149,10 +277,9 @@ class GSNRTransform:
             if rules.GSNR_SLOT in st and st[rules.GSNR_SLOT] is not avg:
                 st[rules.GSNR_SLOT].copy_(avg)
             else:
-                st[rules.GSNR_SLOT] = avg
+                st[rules.GSNR_SLOT] = avg  # float32 or wider: the working dtype
             st["gsnr_step"] = t
         self._gsnr_diag = tuple(diag)
-        return loss
 
     def _stats_for(self, ps, sq):
         if sq is not None and all(p in sq for p in ps):
@@ -168,12 +295,8 @@ class GSNRTransform:
             "(horovod.torch.DistributedOptimizer does not), or call opt.set_grad_sq([...]) before "
             "opt.step()")
 
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)
-        # Checkpoints from before the transform kept p_t but no count of their own: it was ``step``.
-        for st in self.state.values():
-            if rules.GSNR_SLOT in st and "gsnr_step" not in st and "step" in st:
-                st["gsnr_step"] = int(st["step"])
+
+GSNRTransform = GSNR  # the name before the transform was a class of its own
 
 
 def _gsnr(group, ps, ss, states, owned):
@@ -289,79 +412,31 @@ def _gsnr_foreach(gs, ss, avgs, steps, eps_w, gamma, b3, r):
     return ss, avgs, mu, clipped
 
 
-_CLASSES: Dict[type, type] = {}
+def vr_class(base: type, rule: rules.Rule) -> type:
+    """The class of ``vr-X``: ``GSNR`` in front of ``X`` (``base``), built from one argument list.
 
-
-def transform_class(cls: type, name: Optional[str] = None, **body) -> type:
-    """``cls`` with the GSNR transform in front (cached per class when unnamed)."""
-    if issubclass(cls, GSNRTransform):
-        raise ValueError(f"invalid optimizer={cls.__name__}: it already has the GSNR transform")
-    if name is not None:
-        return type(name, (GSNRTransform, cls), body)
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type("GSNR" + cls.__name__, (GSNRTransform, cls), {"__module__": __name__})
-    return _CLASSES[cls]
-
-
-def GSNR(optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float = 0.0, exclude=(),
-         named_parameters=None, fused: bool = False) -> torch.optim.Optimizer:
-    """Put the GSNR transform (VRGD §4, docs/SPEC.md §2) in front of any torch optimizer.
-
-    Args:
-        optimizer: any ``torch.optim.Optimizer`` (``AdamW``, timm's ``Lamb``, hvd_lb's own);
-            its param groups and state carry over.
-        gamma: γ ∈ (0, 1], the floor of r. γ = 1 gives exactly ``optimizer``.
-        momentum: β₃ ∈ [0, 1), GSNR momentum (VR-Adam and VR-LAMB use 0.9).
-        exclude: fnmatch patterns of parameter names that get ḡ unscaled (default: none,
-            GSNR applies to every tensor); names come from ``named_parameters`` or from
-            ``hvd_lb.torch.create(name, model)``.
-        named_parameters: ``model.named_parameters()``, for ``exclude`` and diagnostics.
-        fused: compute r and ĝ per tensor in one ``torch.compile``d kernel instead of the
-            foreach/per-tensor paths chosen by the group's ``foreach`` flag: 2.1–2.8× faster
-            on CPU (``bench/gsnr_fused.py``), compiled on the first step; opt-in for the
-            reasons in ``LargeBatchOptimizer``'s docstring. Named ``vr-*`` classes take
-            ``gsnr_fused`` (default: their ``fused``).
-
-    Returns an optimizer of class ``GSNR<Name>``, a subclass of ``type(optimizer)``: use it
-    in place of ``optimizer``, inside ``hvd_lb.torch.DistributedOptimizer`` (which gives
-    it s), with ``state_dict``/``load_state_dict`` and ``gsnr_diagnostics()``.
+    γ and β₃ are keyword arguments (``gamma``, ``gsnr_momentum``; defaults from the rule
+    table, also accepted per param group); ``gsnr_fused`` follows ``fused`` unless given.
+    Every other argument goes to ``base``.
     """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ValueError(f"invalid optimizer={optimizer!r}: must be a torch.optim.Optimizer")
-    if getattr(optimizer, "_parameter_names", None) is not None and hasattr(optimizer, "synchronize"):
-        raise ValueError("invalid optimizer: it is already a DistributedOptimizer; apply GSNR first: "
-                         "DistributedOptimizer(GSNR(opt), ...)")
-    gamma, momentum = rules.check_gsnr(gamma, momentum)
-    rules.check_bool("fused", fused)
-    exclude = grouping.patterns("exclude", exclude)
-    clash = sorted(set(_KEYS) & set(optimizer.defaults))
-    if clash and not isinstance(optimizer, GSNRTransform):
-        raise ValueError(f"invalid optimizer={type(optimizer).__name__}: its param groups already use "
-                         f"{', '.join(clash)}, which the GSNR transform keeps there")
-    cls = transform_class(type(optimizer))
-    names = dict(getattr(optimizer, "_param_names", None) or {})
-    if named_parameters is not None:
-        names.update({p: n for n, p in named_parameters})
-    groups = []
-    for group in optimizer.param_groups:
-        skip = ()
-        if exclude:
-            missing = [p for p in group["params"] if p not in names]
-            if missing:
-                raise ValueError("invalid exclude: parameter names are unknown; pass "
-                                 "named_parameters=model.named_parameters()")
-            skip = tuple(j for j, p in enumerate(group["params"])
-                         if any(fnmatchcase(names[p], pat) for pat in exclude))
-        groups.append({**group, "gamma": gamma, "gsnr_momentum": momentum, "gsnr_exclude": skip,
-                       "gsnr_fused": fused})
-    opt = cls(groups, gsnr_fused=fused)
-    opt.defaults.update(gamma=gamma, gsnr_momentum=momentum, gsnr_exclude=())
-    for p, st in optimizer.state.items():
-        opt.state[p] = st
-    for group in opt.param_groups:
-        opt._init_gsnr_state(group)
-    opt._param_names = names
-    return opt
+    defaults = rule.defaults
+
+    def __init__(self, params, lr=None, *, gamma=defaults["gamma"],
+                 gsnr_momentum=defaults["gsnr_momentum"], gsnr_fused=None, **hparams):
+        if gsnr_fused is None:
+            gsnr_fused = hparams.get("fused", False) is True
+        try:
+            inner = base(params, lr, **hparams)
+        except ValueError as e:  # name the optimizer the user asked for
+            raise ValueError(str(e).replace(f"optimizer '{rule.base}'", f"optimizer '{rule.name}'")) from None
+        GSNR.__init__(self, inner, gamma=gamma, momentum=gsnr_momentum, fused=gsnr_fused)
+
+    def __repr__(self):
+        return f"{rule.class_name}({self.optimizer!r})"
+
+    return type(rule.class_name, (GSNR,), {
+        "__init__": __init__, "__repr__": __repr__, "rule_name": rule.name,
+        "rule": property(lambda self: rules.get_rule(self.rule_name), doc="the rule table's entry")})
 
 
-__all__ = ["GSNR", "GSNRTransform", "transform_class", "param_name"]
+__all__ = ["GSNR", "GSNRTransform", "param_name", "unhooked_step", "vr_class"]

@@ -28,7 +28,7 @@ import torch
 
 from .. import formulas, grouping, rules
 from ._ops import T, flat, graph_scalar, out_kernels, scratch, specialized_floats
-from .gsnr import param_name, transform_class
+from .gsnr import param_name, vr_class
 
 
 def _norms(tensors: List[torch.Tensor]) -> torch.Tensor:
@@ -209,8 +209,8 @@ def register(name: str, single: Callable, foreach: Callable, prepare: Optional[C
     cls = type(base.class_name, (LargeBatchOptimizer,),
                {"rule_name": base.name, "__doc__": _doc(base), "__module__": __name__})
     OPTIMIZERS[name] = cls
-    OPTIMIZERS[vr.name] = transform_class(cls, vr.class_name, rule_name=vr.name, __doc__=_doc(vr),
-                                          __module__=__name__)
+    OPTIMIZERS[vr.name] = vr_class(cls, vr)
+    OPTIMIZERS[vr.name].__doc__, OPTIMIZERS[vr.name].__module__ = _doc(vr), __name__
     globals()[base.class_name], globals()[vr.class_name] = cls, OPTIMIZERS[vr.name]
     return cls
 

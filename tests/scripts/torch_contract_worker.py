@@ -1,0 +1,182 @@
+"""Worker for tests/test_torch_contract.py: torch.optim's contract through hvd_lb's Horovod wrapper.
+
+``horovodrun -np N python torch_contract_worker.py OUT_DIR``; each rank writes
+``OUT_DIR/rank{r}.json``. k = N·M = 4 in every case (M = 4 at N = 1, M = 2 at N = 2).
+Gradients are seeded per (step, worker, micro-batch) as in torch_dist_worker.py, so the
+test rebuilds every sample for the float64 reference.
+"""
+import gc
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from tests.scripts.torch_dist_worker import STEPS, init_params, micro_grads  # noqa: E402
+
+ADAMW = {"lr": 0.05, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.01}
+
+
+def subjects(lbt):
+    """name → (build(params) → DistributedOptimizer, reference name, reference hyperparameters)."""
+    def dist(opt, M):
+        return lbt.DistributedOptimizer(opt, named_parameters=[(f"p{i}", p) for i, p in
+                                                               enumerate(opt.param_groups[0]["params"])],
+                                        micro_batches=M)
+    return {
+        "GSNR(AdamW)": (lambda ps, M: dist(lbt.GSNR(torch.optim.AdamW(ps, **ADAMW), gamma=0.3, momentum=0.5), M),
+                        "vr-adam", dict(ADAMW, gamma=0.3, gsnr_momentum=0.5)),
+        "vr-lamb": (lambda ps, M: dist(lbt.OPTIMIZERS["vr-lamb"](ps, lr=0.05, weight_decay=0.01), M),
+                    "vr-lamb", {"lr": 0.05, "weight_decay": 0.01}),
+        "lamb": (lambda ps, M: dist(lbt.OPTIMIZERS["lamb"](ps, lr=0.05, weight_decay=0.01), M),
+                 "lamb", {"lr": 0.05, "weight_decay": 0.01}),
+    }
+
+
+def leaves(dtype=torch.float64, seed=0):
+    return [torch.tensor(a).to(dtype).requires_grad_(True) for a in init_params(seed)]
+
+
+def backward(params, grads):
+    """A loss whose gradient is ``grads`` (in the parameters' dtype): real backward passes."""
+    sum((p * torch.tensor(g).to(p.dtype)).sum() for p, g in zip(params, grads)).backward()
+
+
+def run(opt, params, M, rank, steps=STEPS, closure=False):
+    losses = []
+    for step in range(1, steps + 1):
+        def passes():
+            for m in range(M):
+                backward(params, micro_grads(step, rank, m, M))
+            return torch.tensor(float(step))
+        if closure:
+            losses.append(float(opt.step(passes)))
+        else:
+            passes()
+            opt.step()
+        opt.zero_grad()
+    return losses
+
+
+def dump(params):
+    return [p.detach().double().reshape(-1).tolist() for p in params]
+
+
+def case_hooks(lbt, rank, M):
+    """Step pre/post hooks (instance and global) run once per step()."""
+    out = {}
+    for name, (build, _, _) in subjects(lbt).items():
+        params = leaves()
+        opt = build(params, M)
+        calls = []
+        handles = [opt.register_step_pre_hook(lambda *a: calls.append("pre")),
+                   opt.register_step_post_hook(lambda *a: calls.append("post")),
+                   register_optimizer_step_pre_hook(lambda *a: calls.append("gpre")),
+                   register_optimizer_step_post_hook(lambda *a: calls.append("gpost"))]
+        run(opt, params, M, rank, steps=2)
+        for h in handles:
+            h.remove()
+        out[name] = sorted(calls)
+    return out
+
+
+def case_closure(lbt, rank, M):
+    """step(closure) runs the closure once, before the all-reduce, and returns its loss."""
+    out = {}
+    for name, (build, _, _) in subjects(lbt).items():
+        a, b = leaves(), leaves()
+        run(build(a, M), a, M, rank)
+        losses = run(build(b, M), b, M, rank, closure=True)
+        out[name] = {"equal": all(torch.equal(x, y) for x, y in zip(a, b)), "losses": losses}
+    return out
+
+
+def case_unused_param(lbt, rank, M):
+    """A parameter no backward reaches keeps grad None and does not move (one process)."""
+    params = leaves()
+    unused = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = lbt.DistributedOptimizer(
+        lbt.GSNR(torch.optim.SGD(params + [unused], lr=0.1, momentum=0.9, weight_decay=0.1)),
+        micro_batches=M)
+    run(opt, params, M, rank, steps=2)
+    return {"grad_none": unused.grad is None, "unchanged": bool((unused == 1).all()),
+            "no_state": "momentum_buffer" not in opt.state[unused]}
+
+
+def case_second_wrapper(lbt, rank, M):
+    """A second DistributedOptimizer on the same parameters works once the first is deleted."""
+    build = subjects(lbt)["GSNR(AdamW)"][0]
+    a = leaves()
+    first = build(a, M)
+    run(first, a, M, rank, steps=1)
+    del first
+    gc.collect()
+    b = leaves()
+    with torch.no_grad():
+        for p, q in zip(a, b):
+            p.copy_(q)
+    run(build(a, M), a, M, rank)
+    run(build(b, M), b, M, rank)
+    return {"equal": all(torch.equal(x, y) for x, y in zip(a, b))}
+
+
+def case_compile(lbt, rank, M):
+    """``torch.compile(opt.step)`` steps as the eager step does."""
+    out = {}
+    for name, (build, _, _) in subjects(lbt).items():
+        a, b = leaves(), leaves()
+        run(build(a, M), a, M, rank)
+        opt = build(b, M)
+        opt.step = torch.compile(opt.step)
+        run(opt, b, M, rank)
+        out[name] = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    return out
+
+
+SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}
+
+
+def low_precision_subjects(lbt):
+    """``subjects`` and GSNR(SGD), whose state has no squares for fp16 to underflow."""
+    out = subjects(lbt)
+    out["GSNR(SGD)"] = (lambda ps, M: lbt.DistributedOptimizer(lbt.GSNR(torch.optim.SGD(ps, **SGD), gamma=0.3),
+                                                               micro_batches=M),
+                        "vr-momentum", dict(SGD, gamma=0.3, gsnr_momentum=0.0))
+    return out
+
+
+def case_low_precision(lbt, rank, M):
+    """bf16 and fp16 parameters: parameters after STEPS steps, for the float64 reference."""
+    out = {}
+    for dtype in ("bfloat16", "float16"):
+        for name, (build, _, _) in low_precision_subjects(lbt).items():
+            params = leaves(getattr(torch, dtype))
+            opt = build(params, M)
+            run(opt, params, M, rank)
+            out[f"{name}/{dtype}"] = {"params": dump(params), "dtypes": [str(p.dtype) for p in params]}
+    return out
+
+
+def main():
+    out_dir = sys.argv[1]
+    torch.set_num_threads(1)
+    import horovod.torch as hvd
+    import hvd_lb.torch as lbt
+    hvd.init()
+    rank, M = hvd.rank(), 4 // hvd.size()
+    result = {"size": hvd.size(), "M": M}
+    for case in (case_hooks, case_closure, case_unused_param, case_second_wrapper, case_compile,
+                 case_low_precision):
+        try:
+            result[case.__name__[5:]] = case(lbt, rank, M)
+        except Exception as e:  # recorded, so that one failing case names itself
+            result[case.__name__[5:]] = {"error": f"{type(e).__name__}: {e}"}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
