@@ -277,3 +277,24 @@ def test_float32_parameters_with_float64_squares_stay_finite_beyond_float32_squa
     assert torch.isfinite(w).all()
     r, _, _ = reference.gsnr_ratio(mean[0], sq[0], 0.1)
     np.testing.assert_allclose(w.detach().double().numpy(), -1e-30 * r * mean[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["foreach", "single", "fused"])
+def test_complex_parameters_equal_their_real_view(path):
+    """A complex tensor is its real and imaginary parts (torch.optim's view_as_real rule)."""
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(3, 2, dtype=torch.complex128, generator=gen).requires_grad_(True)
+    r = torch.view_as_real(c.detach()).clone().requires_grad_(True)
+    kw = {} if path == "fused" else {"foreach": path == "foreach"}
+    opts = [lbt.GSNR(torch.optim.SGD([p], lr=0.1, momentum=0.9, **kw), gamma=0.2, momentum=0.5,
+                     fused=path == "fused") for p in (c, r)]
+    for _ in range(3):
+        g = torch.randn(3, 2, 2, dtype=torch.float64, generator=gen)
+        sq = g * g * (1 + 4 * torch.rand(3, 2, 2, dtype=torch.float64, generator=gen))
+        c.grad, r.grad = torch.view_as_complex(g.clone()), g.clone()
+        opts[0].set_grad_sq([torch.view_as_complex(sq.clone())])
+        opts[1].set_grad_sq([sq.clone()])
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(torch.view_as_real(c.detach()), r.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.view_as_real(opts[0].state[c]["gsnr_avg"]), opts[1].state[r]["gsnr_avg"])

@@ -449,6 +449,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         raise ValueError(f"invalid {'num_groups=' + repr(num_groups) if num_groups else 'groups=' + repr(groups)} "
                          "with the GSNR transform: each tensor's [ḡ, s] pair is its own group; leave "
                          "num_groups=0 and groups=None (Horovod's tensor fusion still batches them)")
+    if any(p.is_complex() for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("invalid optimizer: complex parameters with the GSNR transform under Horovod "
+                         "(Horovod all-reduces real tensors only): keep such a parameter real with a trailing "
+                         "dimension of 2 (torch.view_as_complex in the forward pass), the layout in which "
+                         "torch.optim and the transform step complex tensors")
     if process_set.included():
         rules.check_samples(process_set.size(), micro_batches)
         square_dtype = rules.square_wire_dtype(square_dtype, process_set.size())

@@ -300,8 +300,14 @@ GSNRTransform = GSNR  # the name before the transform was a class of its own
 
 
 def _gsnr(group, ps, ss, states, owned):
-    """ĝ per tensor in float32 or wider. Returns (ĝ list, p_t list, t list, μ_r, clipped)."""
-    gs = [p.grad for p in ps]
+    """ĝ per tensor in float32 or wider. Returns (ĝ list, p_t list, t list, μ_r, clipped).
+
+    A complex tensor is its real and imaginary parts as separate elements (torch.optim's rule,
+    ``view_as_real``): s then holds E[(Re x)²] + i·E[(Im x)²].
+    """
+    gs = [_as_real(p.grad) for p in ps]
+    ss = [_as_real(s) for s in ss]
+    keys = [_as_real(p) for p in ps]  # scratch buffers are per parameter, shaped like its real view
     # Working dtype: float32 or wider, and at least s's (square_dtype="float64" keeps squares of
     # |x| > 1.8e19 finite; the maths then runs in float64 too).
     wide = [g.to(torch.promote_types(torch.promote_types(g.dtype, torch.float32), s.dtype))
@@ -312,14 +318,14 @@ def _gsnr(group, ps, ss, states, owned):
     ss = [s.to(g.dtype) if s.dtype != g.dtype else s if owned or not in_place else s.clone()
           for s, g in zip(ss, wide)]
     steps = [st.get("gsnr_step", 0) + 1 for st in states]  # lazily built: absent before step 1
-    avgs = [st[rules.GSNR_SLOT].to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
+    avgs = [_as_real(st[rules.GSNR_SLOT]).to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
             for st, g in zip(states, wide)]
     eps_w = [formulas.variance_floor(g.dtype == torch.float64) for g in wide]
     if group["gsnr_fused"]:
         # Nothing allocated per step: p_t goes into the state's buffer (its working-dtype copy
         # where the state is narrower), ĝ into a buffer kept per parameter.
         fn, cache = _compiled(), {}
-        out = scratch(ps, [g.dtype for g in wide], tag="gsnr")
+        out = scratch(keys, [g.dtype for g in wide], tag="gsnr")
         with specialized_floats():
             res = [fn(*flat(g, s, avg, o), graph_scalar(t, g.device, cache), group["gamma"],
                       group["gsnr_momentum"], e)
@@ -327,14 +333,23 @@ def _gsnr(group, ps, ss, states, owned):
         mus, clipped = torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
     elif in_place:
         out, avgs, mus, clipped = _gsnr_foreach(wide, ss, avgs, steps, eps_w, group["gamma"],
-                                                group["gsnr_momentum"], scratch(ps, [g.dtype for g in wide]))
+                                                group["gsnr_momentum"], scratch(keys, [g.dtype for g in wide]))
     else:
         res = [_gsnr_one(g, s, avg, t, group["gamma"], group["gsnr_momentum"], e)
                for g, s, avg, t, e in zip(wide, ss, avgs, steps, eps_w)]
         out, avgs = [r[0] for r in res], [r[1] for r in res]
         mus, clipped = torch.stack([r[2] for r in res]), torch.stack([r[3] for r in res])
-    out = [o.to(g.dtype) for o, g in zip(out, gs)]
+    out = [_as_complex_like(o.to(g.dtype), p) for o, g, p in zip(out, gs, ps)]
+    avgs = [_as_complex_like(a, p) for a, p in zip(avgs, ps)]
     return out, avgs, steps, mus, clipped
+
+
+def _as_real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _as_complex_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_complex(t) if p.is_complex() else t
 
 
 def _gsnr_one(g, s, avg, t, gamma, b3, eps_w):
