@@ -20,14 +20,13 @@ without a dummy step; TVLARS sets m_1 = w_1 at t = 1, whatever the buffer held.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, flat, graph_scalar, out_kernels, scratch, specialized_floats
+from ._ops import T, compile_kernel, flat, graph_scalar, out_kernels, scratch, specialized_floats
 from .gsnr import param_name, transform_class
 
 
@@ -64,13 +63,6 @@ class Kernel(NamedTuple):
     fused: Optional[Callable] = None
 
 
-@functools.lru_cache(maxsize=None)
-def _compile(fn: Callable) -> Callable:
-    # dynamic=True: one graph for every tensor size (inputs are flattened, ``flat``), compiled
-    # once per process on the first fused step.
-    return torch.compile(fn, dynamic=True)
-
-
 def per_tensor(one: Callable, slots, consts: Callable):
     """(single, fused) kernels from ``one(p, g, *state[slots], t, lr, **consts(group))``.
 
@@ -87,7 +79,8 @@ def per_tensor(one: Callable, slots, consts: Callable):
             one(p, g, *[st[k] for k in slots], st["step"], group["lr"], **kw)
 
     def fused(group, ps, gs, states, _):
-        fn, kw, ts, lrs = _compile(one), consts(group), {}, {}
+        kw, ts, lrs = consts(group), {}, {}
+        fn = compile_kernel(one, tuple(sorted(kw.items())))
         with specialized_floats():
             for p, g, st in zip(ps, gs, states):
                 # p itself, not p.detach(): views of a detached tensor are another graph input.
