@@ -158,8 +158,8 @@ def test_many_sizes_one_graph_per_kernel_and_no_eager_fallback(name, dtype, tol,
 
 def test_recompile_limit_is_an_error_not_a_silent_eager_fallback():
     """Past Dynamo's limit a kernel would run eagerly for the rest of the process; it raises."""
-    ps = [torch.ones(3, dtype=dt, requires_grad=True) for dt in (torch.float32, torch.float64)]
-    opt = lbt.create("sgd", ps, lr=0.1, weight_decay=0.0123, fused=True)
+    ps = [torch.ones(2, 3, dtype=dt, requires_grad=True) for dt in (torch.float32, torch.float64)]
+    opt = lbt.SGD(ps, lr=0.1, weight_decay=0.0123, fused=True)   # λ of its own: a kernel not compiled before
     for p in ps:
         p.grad = torch.ones_like(p)
     with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(RuntimeError, match="fused=False"):
