@@ -164,3 +164,32 @@ def test_recompile_limit_is_an_error_not_a_silent_eager_fallback():
         p.grad = torch.ones_like(p)
     with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(RuntimeError, match="fused=False"):
         opt.step()   # float32 and float64 need two graphs
+
+
+@pytest.mark.parametrize("noise", [1.0, 0.1, 0.01])
+def test_float32_gsnr_paths_within_the_documented_bound(noise):
+    """SPEC §7: float32 fused = per-tensor to 1e-6 of max|ḡ| at any variance; foreach (s − ḡ²
+    rounded once) differs per element by at most 64u·(s/var)·|ĝ|, u = 2⁻²⁴: r_raw = ḡ²/(s − ḡ²) has
+    condition number s/var."""
+    import numpy as np
+    from hvd_lb import reference
+    rng = np.random.default_rng(3)
+    signal = rng.standard_normal(4096) * rng.uniform(0.1, 3, 4096)
+    samples = [[signal + noise * np.abs(signal) * rng.uniform(0.1, 10, 4096) * rng.standard_normal(4096)]
+               for _ in range(8)]
+    mean, sq = (torch.tensor(x[0], dtype=torch.float32) for x in reference.gradient_stats(samples))
+
+    def g_hat(**flags):
+        w = torch.zeros_like(mean, requires_grad=True)
+        opt = lbt.GSNR(torch.optim.SGD([w], lr=1.0, foreach=flags.pop("foreach", False)), gamma=0.1, **flags)
+        w.grad = mean.clone()
+        opt.set_grad_sq([sq.clone()])
+        opt.step()
+        return -w.detach().double()
+
+    single, fused, foreach = g_hat(), g_hat(fused=True), g_hat(foreach=True)
+    top = float(mean.abs().max())
+    assert float((fused - single).abs().max()) <= 1e-6 * top
+    s, g = sq.double(), mean.double()
+    cond = s / torch.clamp(s - g * g, min=2.0 ** -21 * s)
+    assert bool(((foreach - single).abs() <= 64 * 2.0 ** -24 * cond * single.abs() + 1e-7 * top).all())
