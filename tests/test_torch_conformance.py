@@ -204,6 +204,12 @@ def fresh_run(subject, steps=STEPS, **kw):
 
 # --- hooks ------------------------------------------------------------------------------------
 
+def test_repr_names_every_group(subject):
+    opt = subject.make(leaves())
+    opt.add_param_group({"params": leaves(((2,),), seed=3)})
+    assert "Parameter Group 1" in repr(opt)
+
+
 def test_step_hooks_run_once_per_step(subject):
     opt = subject.make(leaves())
     calls = []
