@@ -12,6 +12,7 @@ docs/CONTRIBUTING.md lists the edits that add a rule.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -51,7 +52,8 @@ class Hyper:
         return text
 
     def _in_range(self, x: float) -> bool:
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        # numbers.Real: NumPy scalars too (np.float32(0.01) is a valid lr, as in torch.optim).
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x):
             return False
         if x < self.low or (self.low_open and x == self.low):
             return False
@@ -88,7 +90,7 @@ class Hyper:
                 raise bad()
             return float(value)
         if self.kind == "int":
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
                 value = int(value)
             if not isinstance(value, int) or isinstance(value, bool) or not self._in_range(value):
                 raise bad()

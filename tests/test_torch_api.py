@@ -1,6 +1,7 @@
 """Public API of hvd_lb.torch: classes, create(), validation, schedulers, VR without statistics."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +146,17 @@ def test_bad_lr_set_after_construction_is_caught_at_step(lr):
     w.grad = torch.ones_like(w)
     with pytest.raises(ValueError, match=r"invalid lr=.*\[0, inf\)"):
         opt.step()
+
+
+@pytest.mark.parametrize("lr,needle", [
+    (torch.tensor(-0.1), r"invalid lr=-0.1\d* for optimizer 'lamb': must be \[0, inf\)"),
+    (torch.tensor(float("nan")), r"invalid lr=nan for optimizer 'lamb': must be \[0, inf\)"),
+    (torch.tensor([0.1, 0.2]), r"invalid lr=tensor\(\[0.1000, 0.2000\]\) .* one real floating-point element"),
+    (np.float32(-1.0), r"invalid lr=np.float32\(-1.0\) .* must be \[0, inf\)"),
+])
+def test_tensor_and_numpy_lr_are_checked(lr, needle):
+    """Accepted as torch.optim accepts them (a 1-element tensor is kept as given), refused out of range."""
+    with pytest.raises(ValueError, match=needle):
+        lbt.create("lamb", [torch.zeros(2, 2, requires_grad=True)], lr=lr)
+    ok = torch.tensor(0.01)
+    assert lbt.create("lamb", [torch.zeros(2, 2, requires_grad=True)], lr=ok).param_groups[0]["lr"] is ok

@@ -118,3 +118,78 @@ def test_accelerator_foreach_branch_equals_per_tensor(name, monkeypatch):
     out, _ = _run(name, hp, torch.float64, foreach=True)
     for p, q in zip(ref, out):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+
+
+# More than 20 distinct sizes: 0-d, 1-element and empty tensors among them (Dynamo specialises 0 and 1).
+MANY = [(), (1,), (0,), (1, 1)] + [(n,) for n in range(2, 12)] + [(n, 3) for n in range(2, 10)]
+
+
+@pytest.mark.parametrize("name,dtype,tol,wd", [("adam", torch.float64, 1e-12, 0.0321), ("lamb", torch.float32, 1e-6, 0.0322),
+                                               ("vr-lamb", torch.float32, 1e-6, 0.0323)])
+def test_many_sizes_one_graph_per_kernel_and_no_eager_fallback(name, dtype, tol, wd):
+    """One graph per kernel whatever the sizes; equal to the per-tensor path on every tensor.
+
+    The hyperparameters are this test's own, so each kernel compiles here: its graphs are
+    counted exactly (a 0/1-size specialisation would add two, a fallback would compile none).
+    """
+    from torch._dynamo.utils import counters
+    hp = {"lr": 0.01, "weight_decay": wd, **({"gamma": 0.321} if name.startswith("vr-") else {})}
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in MANY]
+    runs = []
+    before = counters["stats"]["unique_graphs"]
+    for flags in ({"fused": True}, {"foreach": False}):
+        ps = [t.clone().requires_grad_(True) for t in init]
+        opt = lbt.OPTIMIZERS[name](ps, **hp, **flags)
+        for step in range(3):
+            grads = [torch.randn(s, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(dtype)
+                     for s in MANY]
+            for p, g in zip(ps, grads):
+                p.grad = g
+            if opt.rule.gsnr:
+                opt.set_grad_sq([2.5 * g * g for g in grads])
+            opt.step()
+        runs.append(ps)
+        if flags.get("fused"):
+            assert counters["stats"]["unique_graphs"] - before == (2 if opt.rule.gsnr else 1)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=tol, atol=tol)
+
+
+def test_recompile_limit_is_an_error_not_a_silent_eager_fallback():
+    """Past Dynamo's limit a kernel would run eagerly for the rest of the process; it raises."""
+    ps = [torch.ones(2, 3, dtype=dt, requires_grad=True) for dt in (torch.float32, torch.float64)]
+    opt = lbt.SGD(ps, lr=0.1, weight_decay=0.0123, fused=True)   # λ of its own: a kernel not compiled before
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(RuntimeError, match="fused=False"):
+        opt.step()   # float32 and float64 need two graphs
+
+
+@pytest.mark.parametrize("noise", [1.0, 0.1, 0.01])
+def test_float32_gsnr_paths_within_the_documented_bound(noise):
+    """SPEC §7: float32 fused = per-tensor to 1e-6 of max|ḡ| at any variance; foreach (s − ḡ²
+    rounded once) differs per element by at most 64u·(s/var)·|ĝ|, u = 2⁻²⁴: r_raw = ḡ²/(s − ḡ²) has
+    condition number s/var."""
+    import numpy as np
+    from hvd_lb import reference
+    rng = np.random.default_rng(3)
+    signal = rng.standard_normal(4096) * rng.uniform(0.1, 3, 4096)
+    samples = [[signal + noise * np.abs(signal) * rng.uniform(0.1, 10, 4096) * rng.standard_normal(4096)]
+               for _ in range(8)]
+    mean, sq = (torch.tensor(x[0], dtype=torch.float32) for x in reference.gradient_stats(samples))
+
+    def g_hat(**flags):
+        w = torch.zeros_like(mean, requires_grad=True)
+        opt = lbt.GSNR(torch.optim.SGD([w], lr=1.0, foreach=flags.pop("foreach", False)), gamma=0.1, **flags)
+        w.grad = mean.clone()
+        opt.set_grad_sq([sq.clone()])
+        opt.step()
+        return -w.detach().double()
+
+    single, fused, foreach = g_hat(), g_hat(fused=True), g_hat(foreach=True)
+    top = float(mean.abs().max())
+    assert float((fused - single).abs().max()) <= 1e-6 * top
+    s, g = sq.double(), mean.double()
+    cond = s / torch.clamp(s - g * g, min=2.0 ** -21 * s)
+    assert bool(((foreach - single).abs() <= 64 * 2.0 ** -24 * cond * single.abs() + 1e-7 * top).all())

@@ -3,7 +3,12 @@ torch tensors, per-parameter scratch buffers, CPU ``out=`` kernels, and the call
 conventions of the ``torch.compile``d (``fused``) kernels."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import types
+
 import torch
+import torch.fx.experimental._config
 from torch.utils.weak import WeakIdKeyDictionary
 
 _SCRATCH = WeakIdKeyDictionary()  # parameter → {(tag, dtype): buffer}
@@ -106,12 +111,45 @@ def graph_scalar(value, device, cache):
     return cache[key]
 
 
+@contextlib.contextmanager
 def specialized_floats():
-    """Context for calling ``torch.compile``d kernels: Python floats become constants of the graph.
+    """Context for calling ``compile_kernel``s: constants in, one graph for every size, no silent eager.
 
-    torch 2.13 otherwise turns them into 0-d tensor inputs, and Inductor (CPU) then mixed up
-    such scalar inputs in the GSNR and Adam kernels (wrong results, caught by
-    tests/test_torch_fused.py); hyperparameters are fixed per param group, so constants cost
-    one graph per group.
+    * Python floats become constants of the graph: torch 2.13 otherwise turns them into 0-d
+      tensor inputs, and Inductor (CPU) then mixed up such scalar inputs in the GSNR and Adam
+      kernels (wrong results, caught by tests/test_torch_fused.py); hyperparameters are fixed
+      per param group, so constants cost one graph per group (``compile_kernel``'s key).
+    * ``backed_size_oblivious``: Dynamo would specialise sizes 0 and 1 (a 0-d or 1-element
+      tensor, flattened) into graphs of their own; oblivious, one graph serves every size.
+    * ``fail_on_recompile_limit_hit``: past the recompile limit (8 graphs per code object)
+      Dynamo would run the kernel eagerly for the rest of the process, silently; it raises.
     """
-    return torch._dynamo.config.patch(specialize_float=True)
+    with torch._dynamo.config.patch(specialize_float=True, fail_on_recompile_limit_hit=True), \
+            torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        try:
+            yield
+        except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+            raise RuntimeError(f"fused=True: a kernel needed more than {torch._dynamo.config.recompile_limit} "
+                               "compiled graphs (one per dtype, device and rank of non-contiguous "
+                               "inputs); use fused=False (foreach) for these parameters") from e
+
+
+@functools.lru_cache(maxsize=None)
+def compile_kernel(fn, key=()):
+    """``fn`` through ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU), one copy per ``key``.
+
+    ``key``: the constants ``fn`` is called with (hyperparameters of a group). Dynamo counts its
+    recompile limit per code object, so each key gets its own copy of ``fn``'s code: its graphs
+    are one per dtype/device, however many groups and optimizers the process builds.
+    ``dynamic=True``: one graph for every size (inputs flattened, ``flat``); ``fullgraph``: a
+    graph break is an error, not a kernel split in pieces. Call it inside ``specialized_floats``.
+    """
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return torch.compile(copy, dynamic=True, fullgraph=True)
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real view (..., 2): re and im are two real elements, as in torch.optim."""
+    return torch.view_as_real(t) if t.is_complex() else t

@@ -21,14 +21,13 @@ rules initialise a parameter's state only while it is empty.
 """
 from __future__ import annotations
 
-import functools
 from fnmatch import fnmatchcase
 from typing import Dict, List, Optional
 
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, flat, graph_scalar, mul_into, scratch, specialized_floats
+from ._ops import T, compile_kernel, flat, graph_scalar, mul_into, real_view, scratch, specialized_floats
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 
@@ -305,9 +304,9 @@ def _gsnr(group, ps, ss, states, owned):
     A complex tensor is its real and imaginary parts as separate elements (torch.optim's rule,
     ``view_as_real``): s then holds E[(Re x)²] + i·E[(Im x)²].
     """
-    gs = [_as_real(p.grad) for p in ps]
-    ss = [_as_real(s) for s in ss]
-    keys = [_as_real(p) for p in ps]  # scratch buffers are per parameter, shaped like its real view
+    gs = [real_view(p.grad) for p in ps]
+    ss = [real_view(s) for s in ss]
+    keys = [real_view(p) for p in ps]  # scratch buffers are per parameter, shaped like its real view
     # Working dtype: float32 or wider, and at least s's (square_dtype="float64" keeps squares of
     # |x| > 1.8e19 finite; the maths then runs in float64 too).
     wide = [g.to(torch.promote_types(torch.promote_types(g.dtype, torch.float32), s.dtype))
@@ -318,13 +317,13 @@ def _gsnr(group, ps, ss, states, owned):
     ss = [s.to(g.dtype) if s.dtype != g.dtype else s if owned or not in_place else s.clone()
           for s, g in zip(ss, wide)]
     steps = [st.get("gsnr_step", 0) + 1 for st in states]  # lazily built: absent before step 1
-    avgs = [_as_real(st[rules.GSNR_SLOT]).to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
+    avgs = [real_view(st[rules.GSNR_SLOT]).to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
             for st, g in zip(states, wide)]
     eps_w = [formulas.variance_floor(g.dtype == torch.float64) for g in wide]
     if group["gsnr_fused"]:
         # Nothing allocated per step: p_t goes into the state's buffer (its working-dtype copy
         # where the state is narrower), ĝ into a buffer kept per parameter.
-        fn, cache = _compiled(), {}
+        fn, cache = compile_kernel(_gsnr_into, (group["gamma"], group["gsnr_momentum"])), {}
         out = scratch(keys, [g.dtype for g in wide], tag="gsnr")
         with specialized_floats():
             res = [fn(*flat(g, s, avg, o), graph_scalar(t, g.device, cache), group["gamma"],
@@ -344,10 +343,6 @@ def _gsnr(group, ps, ss, states, owned):
     return out, avgs, steps, mus, clipped
 
 
-def _as_real(t: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
 def _as_complex_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(t) if p.is_complex() else t
 
@@ -363,25 +358,16 @@ def _gsnr_into(g, s, avg, out, t, gamma, b3, eps_w):
     """``_gsnr_one`` writing ĝ into ``out`` and p_t into ``avg``; returns (μ_r, clipped fraction).
 
     ĝ does not go over s: compiled under ``no_grad``, torch 2.13's Inductor read s after
-    overwriting it (tests/test_torch_fused.py).
+    overwriting it (tests/test_torch_fused.py). ``fused=True`` runs it through ``compile_kernel``:
+    one graph per dtype for every size and step (t a 0-d tensor, γ, β₃, ε_w constants); it writes
+    into buffers it is given, so a step allocates nothing (on CPU a fresh buffer per tensor per
+    step costs page faults comparable to the maths), and the kernel reads ḡ and s about four
+    times against ~20 passes of the foreach path (``bench/gsnr_fused.py``).
     """
     g_hat, p_t, mu, clipped = _gsnr_one(g, s, avg, t, gamma, b3, eps_w)
     avg.copy_(p_t)
     out.copy_(g_hat)
     return mu, clipped
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled():
-    """``_gsnr_into`` fused by ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU).
-
-    One graph (``dynamic=True``) serves every tensor size and step: t is a 0-d tensor, γ, β₃
-    and ε_w are constants (``specialized_floats``).  It writes into buffers it is given, so a step allocates
-    nothing: on CPU a fresh buffer per tensor per step costs page faults comparable to the
-    maths itself.  The generated kernel reads ḡ and s about four times (δ needs mean(var),
-    r̃ needs μ_r) against ~20 passes of the foreach path; ``bench/gsnr_fused.py`` measures both.
-    """
-    return torch.compile(_gsnr_into, dynamic=True)
 
 
 def _sums(tensors):

@@ -20,19 +20,23 @@ without a dummy step; TVLARS sets m_1 = w_1 at t = 1, whatever the buffer held.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, flat, graph_scalar, out_kernels, scratch, specialized_floats
+from ._ops import T, compile_kernel, flat, graph_scalar, out_kernels, real_view, scratch, specialized_floats
 from .gsnr import param_name, vr_class
 
 
 def _norms(tensors: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors))
+
+
+def _real_state(st: Dict[str, Any]) -> Dict[str, Any]:
+    """A complex parameter's state with its slots as real views (kernels update them in place)."""
+    return {k: real_view(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
 
 
 def _scalars(vec: torch.Tensor) -> List[torch.Tensor]:
@@ -54,13 +58,6 @@ class Kernel(NamedTuple):
     fused: Optional[Callable] = None
 
 
-@functools.lru_cache(maxsize=None)
-def _compile(fn: Callable) -> Callable:
-    # dynamic=True: one graph for every tensor size (inputs are flattened, ``flat``), compiled
-    # once per process on the first fused step.
-    return torch.compile(fn, dynamic=True)
-
-
 def per_tensor(one: Callable, slots, consts: Callable):
     """(single, fused) kernels from ``one(p, g, *state[slots], t, lr, **consts(group))``.
 
@@ -77,7 +74,8 @@ def per_tensor(one: Callable, slots, consts: Callable):
             one(p, g, *[st[k] for k in slots], st["step"], group["lr"], **kw)
 
     def fused(group, ps, gs, states, _):
-        fn, kw, ts, lrs = _compile(one), consts(group), {}, {}
+        kw, ts, lrs = consts(group), {}, {}
+        fn = compile_kernel(one, tuple(sorted(kw.items())))
         with specialized_floats():
             for p, g, st in zip(ps, gs, states):
                 # p itself, not p.detach(): views of a detached tensor are another graph input.
@@ -111,12 +109,16 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
 
     rule_name: str = ""
 
+    @property
+    def rule(self) -> rules.Rule:
+        """The table entry of ``rule_name``: a class attribute, so copies and pickles keep it."""
+        return rules.RULES[self.rule_name]
+
     def __init__(self, params, lr: Optional[float] = None, *, adapt: bool = True, decay: bool = True,
                  foreach: Optional[bool] = None, fused: bool = False, **hparams):
-        self.rule = rules.get_rule(self.rule_name)
         if lr is not None:
             hparams["lr"] = lr
-        defaults = rules.validate(self.rule.name, hparams)
+        defaults = self._validated(hparams)
         defaults["adapt"] = rules.check_bool("adapt", adapt)
         defaults["decay"] = rules.check_bool("decay", decay)
         defaults["foreach"] = rules.check_bool("foreach", foreach, allow_none=True)
@@ -124,12 +126,41 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         self._param_names: Dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)
 
+    def _validated(self, hparams: Dict[str, Any]) -> Dict[str, Any]:
+        """``rules.validate`` that also takes a 1-element tensor lr (kept as given, as torch.optim does).
+
+        Its value is checked here, once (a device sync at construction, none per step).
+        """
+        lr = hparams.get("lr")
+        if isinstance(lr, torch.Tensor):
+            if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+                raise ValueError(f"invalid lr={lr!r} for optimizer '{self.rule.name}': a tensor lr must "
+                                 "have one real floating-point element, in [0, inf)")
+            hparams = dict(hparams, lr=lr.item())
+        out = rules.validate(self.rule.name, hparams)
+        if isinstance(lr, torch.Tensor):
+            out["lr"] = lr
+        return out
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # torch's keeps defaults, state and param_groups only; the names serve diagnostics.
+        return {**super().__getstate__(), "_param_names": self._param_names}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """Unpickling and ``load_state_dict``: groups of older versions get the keys added since."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_param_names", {})
+        fill = {**self.rule.defaults, "adapt": True, "decay": True, "foreach": None, "fused": False}
+        for group in self.param_groups:
+            for key, value in fill.items():
+                group.setdefault(key, self.defaults.get(key, value))
+
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a group; its hyperparameters are checked against the rule table."""
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         hp = {h.name: group[h.name] for h in self.rule.hypers}
-        group.update(rules.validate(self.rule.name, hp))
+        group.update(self._validated(hp))
         for flag in ("adapt", "decay"):
             group[flag] = rules.check_bool(flag, group[flag])
         group["foreach"] = rules.check_bool("foreach", group["foreach"], allow_none=True)
@@ -180,7 +211,8 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             states = [self.state[p] for p in ps]
             for st in states:
                 st["step"] += 1
-            work.append((group, ps, [p.grad for p in ps], states))
+            work.append((group, [real_view(p) for p in ps], [real_view(p.grad) for p in ps],
+                         [_real_state(st) if p.is_complex() else st for p, st in zip(ps, states)]))
         shared = kernel.prepare(work) if kernel.prepare is not None and work else None
         for group, ps, gs, states in work:
             fn = (kernel.fused if group.get("fused") else
