@@ -11,8 +11,12 @@ import torch
 
 
 def work_dtype(dtype: torch.dtype, square_dtype=None) -> torch.dtype:
-    """float32, or float64 for float64 parameters or ``square_dtype="float64"`` (SPEC §1)."""
-    return torch.float64 if dtype == torch.float64 or square_dtype == "float64" else torch.float32
+    """float32, or float64 for float64 (complex128) parameters or ``square_dtype="float64"`` (SPEC §1).
+
+    Squares of a complex tensor are those of its real view (re², im²).
+    """
+    wide = dtype in (torch.float64, torch.complex128) or square_dtype == "float64"
+    return torch.float64 if wide else torch.float32
 
 
 class MicroBatchSquares:
@@ -77,6 +81,7 @@ def norms(tensors):
     """
     if not tensors:
         return []
+    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
     out = [n.double() for n in torch._foreach_norm(
         [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors], 2)]
     if not bool(torch.isfinite(torch.stack(out)).all()):

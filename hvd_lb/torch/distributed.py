@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 
 from .. import rules
+from ._ops import real_view
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
 from .gsnr import GSNR, unhooked_step
 
@@ -36,11 +37,12 @@ _UNSET = object()
 
 
 class _WireDtypes:
-    """Horovod's compression, with bfloat16 gradients sent as float32 and written back as bf16.
+    """Horovod's compression, with the dtypes Horovod 0.28 cannot all-reduce sent as ones it can.
 
-    Horovod 0.28 all-reduces float16 but not bfloat16 (``Tensor type torch.BFloat16Tensor
-    is not supported``); ``compress``/``decompress`` are where Horovod lets a wrapper
-    change what travels.
+    bfloat16 goes as float32 and comes back as bf16 (``Tensor type torch.BFloat16Tensor is
+    not supported``); a complex tensor goes as its real view (re, im as two elements, which
+    is what the mean of complex numbers is). ``compress``/``decompress`` are where Horovod
+    lets a wrapper change what travels.
     """
 
     def __init__(self, compression):
@@ -48,12 +50,17 @@ class _WireDtypes:
 
     def compress(self, tensor):
         dtype = tensor.dtype
-        tensor, ctx = self.compression.compress(tensor.float() if dtype == torch.bfloat16 else tensor)
+        if tensor.is_complex():
+            tensor = torch.view_as_real(tensor)
+        elif dtype == torch.bfloat16:
+            tensor = tensor.float()
+        tensor, ctx = self.compression.compress(tensor)
         return tensor, (dtype, ctx)
 
     def decompress(self, tensor, ctx):
         dtype, ctx = ctx
-        return self.compression.decompress(tensor, ctx).to(dtype)
+        tensor = self.compression.decompress(tensor, ctx)
+        return torch.view_as_complex(tensor.contiguous()) if dtype.is_complex else tensor.to(dtype)
 
 
 def _weak_hook(opt):
@@ -77,8 +84,9 @@ class _DistributedGSNR(GSNR):
     """
 
     def __init__(self, gsnr, named_parameters, compression, micro_batches, op, process_set,
-                 square_dtype, predivide, skip_nonfinite):
+                 square_dtype, predivide, skip_nonfinite, config):
         GSNR.__setstate__(self, GSNR.__getstate__(gsnr))
+        self._config = config  # DistributedOptimizer's arguments, for copies (``__reduce__``)
         self._compression = _WireDtypes(compression)
         # Horovod's gradient_predivide_factor f: 1/f before the sum, f/size after (same mean).
         self._scale = (1.0 / predivide, predivide)
@@ -107,10 +115,15 @@ class _DistributedGSNR(GSNR):
         for h in getattr(self, "_hooks", ()):
             h.remove()
 
-    def __getstate__(self):
-        raise TypeError("a DistributedOptimizer cannot be pickled or deep-copied (it holds gradient hooks "
-                        "and Horovod handles): save or copy opt.state_dict(), or the optimizer it wraps, "
-                        "and wrap the copy in its own DistributedOptimizer")
+    def __reduce__(self):
+        """deepcopy/pickle: the transform and the wrapped optimizer, wrapped anew (fresh hooks).
+
+        What a step has accumulated before ``step()`` (micro-batch squares, pending
+        all-reduces) is not copied: copy between steps.
+        """
+        gsnr = GSNR.__new__(GSNR)
+        GSNR.__setstate__(gsnr, GSNR.__getstate__(self))
+        return _rebuild, (gsnr, self._config, self.skipped_steps)
 
     def _hook_group(self, group):
         if not self.process_set.included():
@@ -155,7 +168,7 @@ class _DistributedGSNR(GSNR):
                 f"gradients were computed more than micro_batches={self.micro_batches} times "
                 "before step(): pass a larger micro_batches to DistributedOptimizer")
         self._densify(p)
-        self._squares.add(p, p.grad.detach(), self._work_dtype(p),
+        self._squares.add(p, real_view(p.grad.detach()), self._work_dtype(p),
                           keep_prev=self.micro_batches > 1 and self._delay[p] > 1)
         self._delay[p] -= 1
         if self._delay[p] == 0:
@@ -169,7 +182,7 @@ class _DistributedGSNR(GSNR):
         # Local share of s, M·Σ_m g_m²; Average over workers gives (1/k)Σx².
         sq = self._squares.take(p, self.micro_batches)
         if sq is None:
-            sq = torch.zeros_like(p, dtype=self._work_dtype(p))
+            sq = torch.zeros_like(real_view(p), dtype=self._work_dtype(p))
         name = self._parameter_names[p]
         grad, ctx = self._compression.compress(p.grad)
         pre, post = self._scale
@@ -210,9 +223,10 @@ class _DistributedGSNR(GSNR):
             else:
                 grad = hvd.synchronize(handle[0])
                 bits = hvd.synchronize(handle[1])
-                sq = bits.view(torch.bfloat16).reshape(-1, p.numel()).float().mean(0)
+                sq = bits.view(torch.bfloat16).reshape(-1, real_view(p).numel()).float().mean(0)
             p.grad.set_(self._compression.decompress(grad, ctx))
-            self._stats[p] = sq.to(self._work_dtype(p)).view_as(p)
+            sq = sq.to(self._work_dtype(p)).view(real_view(p).shape)
+            self._stats[p] = torch.view_as_complex(sq) if p.is_complex() else sq
         for p in self._delay:
             self._delay[p] = self.micro_batches
         synced = list(self._handles)
@@ -341,6 +355,29 @@ def _horovod_step(self, closure=None):
     return loss
 
 
+def _horovod_zero_grad(self, set_to_none: bool = True):
+    """Horovod's ``zero_grad`` check, with torch's ``set_to_none`` (Horovod's takes no argument)."""
+    if self._handles:
+        raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
+                             "optimizer.step() or optimizer.synchronize(). This is prohibited as it "
+                             "can cause a race condition.")
+    return type(self).__mro__[1].zero_grad(self, set_to_none)
+
+
+def _horovod_reduce(self):
+    """deepcopy/pickle of Horovod's wrapper: the optimizer it was built from, wrapped anew."""
+    base = type(self).__mro__[1]
+    plain = base.__new__(base)
+    base.__setstate__(plain, {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups})
+    return _rebuild, (plain, self._config, self.skipped_steps)
+
+
+def _rebuild(optimizer, config, skipped_steps):
+    opt = DistributedOptimizer(optimizer, **config)
+    opt.skipped_steps = skipped_steps
+    return opt
+
+
 def _names(opt, named_parameters):
     """Horovod's checks: (name, tensor) tuples, unique names, every parameter named."""
     if named_parameters is None:
@@ -424,6 +461,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         named_parameters = list(named_parameters)
     elif getattr(optimizer, "_param_names", None):
         names = dict(optimizer._param_names)
+    config = dict(named_parameters=named_parameters, compression=compression, micro_batches=micro_batches,
+                  op=op, gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+                  groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set,
+                  square_dtype=square_dtype, skip_nonfinite=skip_nonfinite)
 
     if not isinstance(optimizer, GSNR):
         # Exactly Horovod's wrapper: one all-reduce per gradient.
@@ -437,11 +478,18 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         elif names:
             wrapped._param_names = names
         wrapped.skip_nonfinite, wrapped.skipped_steps = skip_nonfinite, 0
-        # Horovod builds a new class per call: its step becomes ours, hooked once by torch.
-        type(wrapped).step = torch.optim.Optimizer.profile_hook_step(_horovod_step)
-        type(wrapped).step.hooked = True
-        # torch's pickling keeps only defaults, state and groups: a copy would lose Horovod's hooks.
-        type(wrapped).__getstate__ = _DistributedGSNR.__getstate__
+        # Horovod rebuilds the optimizer from its param groups alone: keep the constructor's
+        # values for groups added later, and the state it had (a loaded checkpoint, a copy).
+        wrapped.defaults = optimizer.defaults
+        wrapped.state.update(optimizer.state)
+        wrapped._config = config
+        # Horovod builds a new class per call: its step (hooked once by torch), zero_grad and
+        # copies become ours.
+        cls = type(wrapped)
+        cls.step = torch.optim.Optimizer.profile_hook_step(_horovod_step)
+        cls.step.hooked = True
+        cls.zero_grad = _horovod_zero_grad
+        cls.__reduce__ = _horovod_reduce
         return wrapped
 
     rules.check_gsnr_op(op, type(optimizer).__name__)
@@ -449,18 +497,13 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         raise ValueError(f"invalid {'num_groups=' + repr(num_groups) if num_groups else 'groups=' + repr(groups)} "
                          "with the GSNR transform: each tensor's [ḡ, s] pair is its own group; leave "
                          "num_groups=0 and groups=None (Horovod's tensor fusion still batches them)")
-    if any(p.is_complex() for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("invalid optimizer: complex parameters with the GSNR transform under Horovod "
-                         "(Horovod all-reduces real tensors only): keep such a parameter real with a trailing "
-                         "dimension of 2 (torch.view_as_complex in the forward pass), the layout in which "
-                         "torch.optim and the transform step complex tensors")
     if process_set.included():
         rules.check_samples(process_set.size(), micro_batches)
         square_dtype = rules.square_wire_dtype(square_dtype, process_set.size())
     if named_parameters is None and names:
         named_parameters = [(n, p) for p, n in names.items()]
     return _DistributedGSNR(optimizer, named_parameters, compression, micro_batches, op, process_set,
-                            square_dtype, float(gradient_predivide_factor), skip_nonfinite)
+                            square_dtype, float(gradient_predivide_factor), skip_nonfinite, config)
 
 
 def _micro_batches(backward_passes_per_step, micro_batches) -> int:

@@ -192,11 +192,15 @@ class GSNR(torch.optim.Optimizer):
             self._setup_group(group)
 
     def __getstate__(self):
-        return {"optimizer": self.optimizer, "_exclude": self._exclude}
+        # torch.optim's own pickling drops the wrapped optimizer's parameter names.
+        return {"optimizer": self.optimizer, "_exclude": self._exclude, "_names": dict(self._param_names)}
 
     def __setstate__(self, state) -> None:
+        names = state.pop("_names", {})
         self.__dict__.update(state)
         self.__dict__.setdefault("_exclude", ())
+        if not isinstance(getattr(self.optimizer, "_param_names", None), dict):
+            self.optimizer._param_names = names
         self._gsnr_sq, self._gsnr_sq_owned, self._gsnr_source, self._gsnr_diag = None, False, None, ()
         self._patch_step_function()
 
