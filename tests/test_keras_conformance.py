@@ -429,6 +429,12 @@ def test_int_variable_is_refused_or_left_alone(subject):
 LOW = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 
+def low_tol(name, dtype, steps, p):
+    """Rounding of the weights to ``dtype``, once per step; TVLARS extrapolates each rounding by 1 + μ."""
+    growth = 1.0 + rules.get_rule(name).defaults["momentum"] if "tvlars" in name else 1.0
+    return (steps + 1) * growth * LOW[dtype] * max(np.abs(p).max(), 1.0)
+
+
 @pytest.mark.parametrize("dtype", list(LOW))
 def test_low_precision_variables(subject, dtype):
     """16-bit variables and gradients: the dtype kept, and the float32 run within its rounding."""
@@ -517,6 +523,69 @@ def test_low_precision_rules_match_reference(name, dtype):
         ref.step(mean, sq if opt.rule.gsnr else None)
     for v, p in zip(variables, ref.params):
         assert v.dtype == dtype
-        scale = max(np.abs(p).max(), 1.0)
-        np.testing.assert_allclose(v.numpy().astype(np.float64), p, rtol=0,
-                                   atol=(steps + 1) * LOW[dtype] * scale, err_msg=f"{name} {v.path}")
+        np.testing.assert_allclose(v.numpy().astype(np.float64), p, rtol=0, atol=low_tol(name, dtype, steps, p),
+                                   err_msg=f"{name} {v.path}")
+
+
+# -- under horovodrun -np 2 ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    from tests.hvdrun import ROOT, read_rank_json, run_horovod
+
+    out = tmp_path_factory.mktemp("keras_conformance")
+    run_horovod([ROOT / "tests/scripts/tf_conformance_worker.py", out], np=2, controller="gloo", timeout=300)
+    return read_rank_json(out, 2)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("dtype", list(LOW))
+@pytest.mark.parametrize("name", rules.NAMES)
+def test_low_precision_rules_under_horovod(ranks, name, dtype):
+    """DistributedOptimizer, 2 workers, bf16/fp16 variables and gradients (ḡ and s reduced in
+    float32): within the dtype's rounding of the reference fed both workers' rounded samples."""
+    from tests.scripts.tf_common import sample_grads
+
+    steps = 5  # tf_conformance_worker.LOW_STEPS
+    params = [v.astype(dtype).astype(np.float64) for v in init_params().values()]
+    ref = ReferenceOptimizer(name, params, adapt=flags(), decay=flags(), **rules.from_keras(TEST_HP[name]))
+    for t in range(steps):
+        ref.step_samples([[x.astype(dtype).astype(np.float64) for x in sample_grads(t, r, [p.shape for p in params])]
+                          for r in range(2)])
+    got = ranks[0][f"low/{name}/{dtype}"]
+    assert got == ranks[1][f"low/{name}/{dtype}"]
+    for w, p in zip(got, ref.params):
+        np.testing.assert_allclose(np.asarray(w), p, rtol=0, atol=low_tol(name, dtype, steps, p),
+                                   err_msg=f"{name} {dtype}")
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("graph", ["eager", "graph"])
+def test_none_gradients_under_horovod(ranks, graph):
+    """A gradient None on every rank: untouched (weights and momentum). None on one rank only: no
+    hang, every rank equal, the averaged gradient (zeros from that rank) steps every variable."""
+    same = [r[f"none/same/{graph}"] for r in ranks]
+    mixed = [r[f"none/mixed/{graph}"] for r in ranks]
+    assert same[0] == same[1] and mixed[0] == mixed[1]
+    a, b, c = (np.asarray(w) for w in same[0]["weights"])
+    np.testing.assert_array_equal(b, np.ones((2, 2)))
+    np.testing.assert_array_equal(c, np.ones((2, 2)))
+    np.testing.assert_array_equal(np.asarray(same[0]["momentum"][1]), np.zeros((2, 2)))
+    assert np.all(a < 1.0)
+    # Momentum SGD (SPEC §3) on ḡ_b = (0 + 2)/2 = 1 and ḡ_c = 0, both with decay 0.1: 2 steps.
+    w, buf = 1.0, 0.0
+    wc, bufc = 1.0, 0.0
+    for _ in range(2):
+        buf = (0.9 * buf + 1.0 + 0.1 * w) if buf else 1.0 + 0.1 * w
+        w -= 0.1 * buf
+        bufc = (0.9 * bufc + 0.1 * wc) if bufc else 0.1 * wc
+        wc -= 0.1 * bufc
+    _, b, c = (np.asarray(x) for x in mixed[0]["weights"])
+    np.testing.assert_allclose(b, np.full((2, 2), w), rtol=1e-6)
+    np.testing.assert_allclose(c, np.full((2, 2), wc), rtol=1e-6)
+
+
+@pytest.mark.multiprocess
+def test_bfloat16_gradient_tape_under_horovod(ranks):
+    for r in ranks:
+        assert r["tape/bfloat16"] == {"dtype": "bfloat16", "value": [1.5, 3.0, 4.5]}

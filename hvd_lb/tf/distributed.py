@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from .. import rules
-from ._ops import stat_dtype, state_variables, variable_path
+from ._ops import stat_dtype, state_variables, variable_path, work_dtype
 from .gsnr import GSNR, inner_learning_rate, set_all_weights
 
 _COMPRESSIONS = ("none", "fp16")
@@ -272,8 +272,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     on every rank is left untouched, as Keras does; if some variable has a gradient on some ranks
     only, that step moves every variable on the average (zeros where None), as Horovod's PyTorch
     optimizer. ``overwrite_with_gradient`` variables take the maximum over the micro-batches (as
-    Keras's gradient accumulation) and the average over workers. 16-bit variables accumulate in
-    float32; bfloat16 ḡ travels as float32 (Horovod has no bfloat16 all-reduce).
+    Keras's gradient accumulation) and the average over workers. The gradients of 16-bit
+    variables are accumulated, all-reduced (Horovod has no bfloat16 all-reduce) and handed to the
+    wrapped optimizer in float32.
     """
 
     def __init__(self, optimizer, name=None, device_dense="", device_sparse="", compression="none",
@@ -353,7 +354,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         if all(g is None for g in grads):
             raise ValueError("No gradients provided for any variable.")
         absent = [g is None for g in grads]  # this rank's, known when traced (see _step)
-        grads = _filled(grads, tvs)
+        # 16-bit gradients are reduced and handed on in float32 (``compression="fp16"`` halves the wire).
+        grads = [tf.cast(g, work_dtype(g.dtype)) for g in _filled(grads, tvs)]
         if self.micro_batches == 1:
             sq = [tf.square(_sample(g, self.inner_optimizer, self.square_dtype)) for g in grads] if self.needs_squares else None
             self._step(grads, sq, tvs, absent)
