@@ -28,7 +28,6 @@ from hvd_lb.reference import ReferenceOptimizer  # noqa: E402
 from tests.scripts.tf_common import TEST_HP, flags, init_params  # noqa: E402
 
 import hvd_lb.tf as H  # noqa: E402
-from hvd_lb.tf._ops import work_dtype  # noqa: E402
 
 CONTROLS = ("keras-sgd", "keras-adamw", "keras-lamb")
 SUBJECTS = CONTROLS + tuple(rules.NAMES) + ("gsnr-sgd", "gsnr-adamw", "gsnr-lamb", "dist-vr-lamb",
@@ -81,7 +80,7 @@ class Subject:
             return
         if self.gsnr:
             # s in float32 or wider, as DistributedOptimizer computes it (SPEC §1).
-            opt.set_grad_sq([None if g is None else tf.square(tf.cast(tf.convert_to_tensor(g), work_dtype(g.dtype)))
+            opt.set_grad_sq([None if g is None else tf.square(tf.cast(tf.convert_to_tensor(g), wide(g.dtype)))
                              for g in grads])
         opt.apply(grads, variables)
 
@@ -94,6 +93,11 @@ class Subject:
 
     def batches_per_step(self):
         return M if self.gsnr else 1
+
+
+def wide(dtype):
+    """float32 for 16-bit floats: the dtype the wrappers compute s in."""
+    return tf.float32 if dtype in (tf.bfloat16, tf.float16) else dtype
 
 
 @pytest.fixture(params=SUBJECTS)

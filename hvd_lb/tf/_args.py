@@ -36,11 +36,15 @@ def check_learning_rate(value, where: str = ""):
     return value
 
 
-def learning_rate_checks(learning_rate, where: str = ""):
+def learning_rate_checks(owner, learning_rate, where: str = ""):
     """The current learning rate of a step (a callable's or a schedule's value, issue 17): raise
-    ValueError for a known bad value; for one known only when the graph runs (a schedule inside
-    ``model.fit``), return an assertion to run first (InvalidArgumentError, same message).
-    Variables were checked when set."""
+    ValueError for a known bad value; when tracing, also for the value at the traced step (XLA
+    drops assertions); for one known only when the graph runs (a schedule inside ``model.fit``),
+    return an assertion to run first (InvalidArgumentError, same message). ``owner``: the
+    optimizer holding the rate. Variables were checked when set."""
+    if not tf.executing_eagerly():
+        with tf.init_scope():
+            check_learning_rate(owner._get_current_learning_rate(), where)
     if isinstance(learning_rate, (tf.Variable, keras.Variable)):
         return []
     check_learning_rate(learning_rate, where)

@@ -129,7 +129,10 @@ class GSNR(keras.optimizers.Optimizer):
     none, SPEC §7). Keras arguments (``clipnorm``, ``loss_scale_factor``, ``use_ema``,
     ...) given here act on ḡ before scaling, r being computed from the unclipped
     statistics; the learning rate and weight decay are the wrapped optimizer's.
-    For mixed precision put it inside: ``LossScaleOptimizer(GSNR(opt))``.
+    For mixed precision put it inside: ``LossScaleOptimizer(GSNR(opt))``. A sparse gradient
+    (``tf.IndexedSlices``) is densified, with one warning (the variance is per element); a
+    variable with a None gradient is left untouched, as Keras does. ``variables`` and
+    ``set_weights`` (hence checkpoints and ``.keras`` files) cover the wrapped optimizer's state.
 
     ``fused=True`` computes each variable's r, μ_r, clipped fraction, p_t and ĝ in one
     XLA-compiled ``tf.function`` call (the assignments stay outside), equal to ``fused=False``
@@ -239,8 +242,7 @@ class GSNR(keras.optimizers.Optimizer):
                 raise ValueError(f"invalid grad_sq: {len(sq)} tensors for {len(grads)} gradients")
             # Keyed by variable: Keras filters None gradients and clips ḡ before
             # _backend_update_step; r is computed on the unclipped statistics.
-            self._io.stats = {self._var_key(v): (g, tf.convert_to_tensor(s)) for g, s, v in zip(grads, sq, tvs)
-                              if g is not None}
+            self._io.stats = {self._var_key(v): (g, s) for g, s, v in zip(grads, sq, tvs) if g is not None}
         try:
             return super().apply(grads, trainable_variables)
         finally:
@@ -248,7 +250,7 @@ class GSNR(keras.optimizers.Optimizer):
 
     def _backend_update_step(self, grads, variables, learning_rate):
         # The wrapped optimizer's rate: refused here too when it is a Keras one (issue 17).
-        with tf.control_dependencies(learning_rate_checks(learning_rate, self.name)):
+        with tf.control_dependencies(learning_rate_checks(self.inner_optimizer, learning_rate, self.name)):
             self._update(grads, variables)
 
     def _update(self, grads, variables):

@@ -76,7 +76,11 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
     trust-ratio adaptation and weight decay off/on (default: off for
     ``ndim ≤ 1``, see ``hvd_lb.grouping``), and the usual Keras optimizer
     arguments (``clipnorm``, ``use_ema``, ``gradient_accumulation_steps``, ...).
-    The update itself is ``UPDATES[rule.base]``.
+    The update itself is ``UPDATES[rule.base]``. Sparse gradients step as their dense value
+    (as Keras's AdamW and Lamb); bfloat16/float16 variables step in float32, with float32
+    state, and are written back in their dtype; a non-float variable is refused at build; a
+    negative or non-finite learning rate from a callable, schedule or tensor is refused at the
+    step (ValueError; a schedule's later values in a graph: a TF assertion).
 
     ``fused=True`` runs the update of each variable as one XLA-compiled ``tf.function``
     call returning the new weight and slots, for every rule alike; ``prepare`` (SNGM's
@@ -165,7 +169,7 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         return
 
     def _backend_update_step(self, grads, variables, learning_rate):
-        with tf.control_dependencies(learning_rate_checks(learning_rate, self.name)):
+        with tf.control_dependencies(learning_rate_checks(self, learning_rate, self.name)):
             self._update(grads, variables, learning_rate)
 
     def _update(self, grads, variables, learning_rate):
