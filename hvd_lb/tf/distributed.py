@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from .. import rules
 from ._ops import stat_dtype, state_variables, variable_path, work_dtype
-from .gsnr import GSNR, inner_learning_rate, set_all_weights
+from .gsnr import GSNR, _densify, inner_learning_rate, set_all_weights
 
 _COMPRESSIONS = ("none", "fp16")
 AVERAGE, SUM = 0, 1  # hvd.Average, hvd.Sum (the same integers in every Horovod framework)
@@ -310,6 +310,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.average_aggregated_gradients = average_aggregated_gradients
         self.skip_nonfinite = skip_nonfinite
         self.process_set = process_set
+        self._warned_sparse = False
         self.op, self.gradient_predivide_factor, self.device_dense = op, predivide, device_dense
 
     @property
@@ -351,6 +352,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self.built = True
         tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
         grads = list(grads)
+        if self.needs_squares:  # (every gradient goes dense; for GSNR with one warning, as on torch)
+            for i, g in enumerate(grads):
+                grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
         if all(g is None for g in grads):
             raise ValueError("No gradients provided for any variable.")
         absent = [g is None for g in grads]  # this rank's, known when traced (see _step)

@@ -51,7 +51,8 @@ def set_all_weights(opt, weights):
 
 
 def _densify(g, warned):
-    """A sparse gradient (tf.IndexedSlices) as a dense tensor: GSNR's variance is per element."""
+    """A sparse gradient (tf.IndexedSlices) as a dense tensor: GSNR's variance is per element.
+    Returns (gradient, whether warned)."""
     if isinstance(g, tf.IndexedSlices):
         if not warned:
             warnings.warn("hvd_lb: sparse gradients are densified for GSNR (the element-wise variance "
