@@ -25,23 +25,38 @@ hvd.init()
 rank = hvd.rank()
 out = {}
 
+
+def case(key, fn):
+    """out[key] = fn(), or the error it raised (raised on every rank alike, before any collective)."""
+    try:
+        out[key] = fn()
+    except Exception as e:  # noqa: BLE001 (reported to the test)
+        out[key] = {"error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def low(name, dtype):
+    variables = [keras.Variable(v.astype(dtype), name=n) for n, v in init_params().items()]
+    opt = H.DistributedOptimizer(H.create(name, **TEST_HP[name]))
+    step = tf.function(lambda grads: opt.apply(grads, variables))
+    for t in range(LOW_STEPS):
+        step([tf.constant(x, dtype) for x in sample_grads(t, rank, [v.shape for v in variables])])
+    return [v.numpy().astype(np.float64).tolist() for v in variables]
+
+
+def tape_bfloat16():
+    w = keras.Variable(np.ones(3, "bfloat16"))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(w * tf.constant([1.0, 2.0, 3.0], tf.bfloat16) * float(rank + 1))
+    (g,) = H.DistributedGradientTape(tape).gradient(loss, [w])
+    return {"dtype": g.dtype.name, "value": tf.cast(g, tf.float64).numpy().tolist()}
+
 # 16-bit variables and gradients, every rule behind DistributedOptimizer (k = 2).
 for dtype in ("bfloat16", "float16"):
     for name in rules.NAMES:
-        variables = [keras.Variable(v.astype(dtype), name=n) for n, v in init_params().items()]
-        opt = H.DistributedOptimizer(H.create(name, **TEST_HP[name]))
-        step = tf.function(lambda grads: opt.apply(grads, variables))
-        for t in range(LOW_STEPS):
-            step([tf.constant(x, dtype) for x in sample_grads(t, rank, [v.shape for v in variables])])
-        out[f"low/{name}/{dtype}"] = [v.numpy().astype(np.float64).tolist() for v in variables]
-
+        case(f"low/{name}/{dtype}", lambda: low(name, dtype))
 # bfloat16 through DistributedGradientTape (Horovod has no bfloat16 all-reduce: float32 on the wire).
-w = keras.Variable(np.ones(3, "bfloat16"))
-with tf.GradientTape() as tape:
-    loss = tf.reduce_sum(w * tf.constant([1.0, 2.0, 3.0], tf.bfloat16) * float(rank + 1))
-tape = H.DistributedGradientTape(tape)
-(g,) = tape.gradient(loss, [w])
-out["tape/bfloat16"] = {"dtype": g.dtype.name, "value": tf.cast(g, tf.float64).numpy().tolist()}
+case("tape/bfloat16", tape_bfloat16)
+
 
 # None gradients: "same" = the same None set on every rank; "mixed" = b is None on rank 0 only.
 def none_case(pattern, graph):
@@ -61,7 +76,7 @@ def none_case(pattern, graph):
 
 for pattern in ("same", "mixed"):
     for graph in (False, True):
-        out[f"none/{pattern}/{'graph' if graph else 'eager'}"] = none_case(pattern, graph)
+        case(f"none/{pattern}/{'graph' if graph else 'eager'}", lambda: none_case(pattern, graph))
 
 with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
     json.dump(out, f)
