@@ -86,10 +86,11 @@ def test_gsnr_diagnostics_match_reference(ranks):
 
 def test_one_allreduce_per_gradient(ranks):
     """Non-VR: one grouped call with each gradient once; VR: the same call also carries s;
-    both carry (M, M²), the check that every worker uses the same micro_batches."""
+    both carry (M, M²), the check that every worker uses the same micro_batches, and the
+    per-variable flags of which ranks have a None gradient (with a zero s for VR)."""
     for res in ranks:
-        assert res["calls/momentum"] == [3]
-        assert res["calls/vr-momentum"] == [5]
+        assert res["calls/momentum"] == [4]
+        assert res["calls/vr-momentum"] == [7]
 
 
 def test_fp16_compression_keeps_squares_float32(ranks):

@@ -7,6 +7,9 @@ from __future__ import annotations
 from dataclasses import replace
 from numbers import Real
 
+import keras
+import tensorflow as tf
+
 from .. import rules
 
 _TORCH_NAME = {v: k for k, v in rules.KERAS_NAMES.items()}
@@ -24,13 +27,32 @@ def check_keras(rule: rules.Rule, hparams) -> None:
 
 
 def check_learning_rate(value, where: str = ""):
-    """A learning rate set after construction: a Python/NumPy number must be finite and ≥ 0.
-
-    Schedules, callables, variables and tensors pass (checking those would need a device sync).
-    """
-    if isinstance(value, Real):
-        replace(rules.LR(0.0), name="learning_rate").check(value, where)
+    """A learning rate set after construction: a number, or a tensor whose value is known (eager),
+    must be finite and ≥ 0. Schedules, callables and graph tensors are checked at the step."""
+    static = tf.get_static_value(value) if tf.is_tensor(value) and not isinstance(
+        value, (tf.Variable, keras.Variable)) else value
+    if isinstance(static, Real) or getattr(static, "shape", None) == ():
+        replace(rules.LR(0.0), name="learning_rate").check(float(static), where)
     return value
 
 
-__all__ = ["check_keras", "check_learning_rate"]
+def learning_rate_checks(owner, learning_rate, where: str = ""):
+    """The current learning rate of a step (a callable's or a schedule's value, issue 17): raise
+    ValueError for a known bad value; when tracing, also for the value at the traced step (XLA
+    drops assertions); for one known only when the graph runs (a schedule inside ``model.fit``),
+    return an assertion to run first (InvalidArgumentError, same message). ``owner``: the
+    optimizer holding the rate. Variables were checked when set."""
+    if not tf.executing_eagerly():
+        with tf.init_scope():
+            check_learning_rate(owner._get_current_learning_rate(), where)
+    if isinstance(learning_rate, (tf.Variable, keras.Variable)):
+        return []
+    check_learning_rate(learning_rate, where)
+    if not tf.is_tensor(learning_rate) or tf.get_static_value(learning_rate) is not None:
+        return []
+    return [tf.debugging.Assert(
+        tf.logical_and(learning_rate >= 0, tf.math.is_finite(learning_rate)),
+        [f"invalid learning_rate for optimizer '{where}': must be in [0, inf), got", learning_rate])]
+
+
+__all__ = ["check_keras", "check_learning_rate", "learning_rate_checks"]

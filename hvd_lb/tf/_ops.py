@@ -22,6 +22,37 @@ def variable_path(v) -> str:
     return v.path if hasattr(v, "path") else v.name
 
 
+def work_dtype(dtype):
+    """The dtype an update and its state run in: float32 for 16-bit floats (issue 17), else ``dtype``."""
+    dtype = tf.as_dtype(dtype)
+    return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
+
+
+def check_float_variables(variables, where: str) -> None:
+    """Refuse a non-float variable at build: no rule can step it (Keras's AdamW and Lamb fail too)."""
+    for v in variables:
+        if not tf.as_dtype(v.dtype).is_floating:
+            raise ValueError(
+                f"invalid variable {variable_path(v)!r} of dtype {tf.as_dtype(v.dtype).name} for {where}: "
+                "hvd_lb optimizers update floating-point variables only; create it with "
+                "trainable=False or leave it out of the variable list")
+
+
+def state_variables(opt, variables, name, overwrite=False):
+    """``opt.add_optimizer_variables(variables, name)``, but float32 for 16-bit variables (Keras's
+    own take the variable's dtype); ``overwrite``: also for ``overwrite_with_gradient`` ones."""
+    out = []
+    for v in variables:
+        if getattr(v, "overwrite_with_gradient", False) and not overwrite:
+            out.append(None)
+        elif work_dtype(v.dtype) == tf.as_dtype(v.dtype):
+            out.append(opt.add_variable_from_reference(v, name))
+        else:
+            out.append(opt.add_variable(tuple(v.shape), dtype=work_dtype(v.dtype),
+                                        name=f"{variable_path(v).replace('/', '_')}_{name}"))
+    return out
+
+
 class TFOps:
     """Branch-free TF versions of the operations formulas.py needs (graph and XLA safe)."""
 

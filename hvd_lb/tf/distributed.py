@@ -23,8 +23,8 @@ import keras
 import tensorflow as tf
 
 from .. import rules
-from ._ops import stat_dtype, variable_path
-from .gsnr import GSNR, inner_learning_rate
+from ._ops import stat_dtype, state_variables, variable_path, work_dtype
+from .gsnr import GSNR, _densify, inner_learning_rate, set_all_weights
 
 _COMPRESSIONS = ("none", "fp16")
 AVERAGE, SUM = 0, 1  # hvd.Average, hvd.Sum (the same integers in every Horovod framework)
@@ -180,7 +180,8 @@ def reduce_statistics(grads, squares=None, compression="none", square_dtype=None
                          "jit_compile=False (or drop jit_compile=True from the tf.function)")
     packed, ctxs = [], []
     for i in present:
-        t, ctx = comp.compress(grads[i])
+        # Horovod has no bfloat16 all-reduce: bfloat16 ḡ travels as float32 (issue 17).
+        t, ctx = comp.compress(tf.cast(grads[i], tf.float32) if grads[i].dtype == tf.bfloat16 else grads[i])
         packed.append(t)
         ctxs.append(ctx)
     bits = None
@@ -204,7 +205,7 @@ def reduce_statistics(grads, squares=None, compression="none", square_dtype=None
         sizes = [sq[i].shape.num_elements() for i in present]
         gathered = [tf.reshape(x, sq[i].shape) for x, i in zip(tf.split(flat, sizes), present)]
     for j, i in enumerate(present):
-        mean[i] = comp.decompress(out[j], ctxs[j])
+        mean[i] = tf.cast(comp.decompress(out[j], ctxs[j]), grads[i].dtype)
         if sq is not None:
             s = gathered[j] if gathered is not None else out[len(present) + j]
             sq[i] = tf.cast(s, stat_dtype(grads[i].dtype, square_dtype))
@@ -267,7 +268,13 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     None (float32; float64 for float64 variables), "float32", "float64" or "bfloat16" (an
     all-gather of the 16-bit values, used only for ≤ 3 workers; SPEC §7). ``process_set``:
     the Horovod process set to reduce over (default ``hvd.global_process_set``); k counts
-    its size. A ``None`` gradient counts as zeros on that rank.
+    its size. A ``None`` gradient is sent as zeros (nothing hangs); a variable whose gradient is None
+    on every rank is left untouched, as Keras does; if some variable has a gradient on some ranks
+    only, that step moves every variable on the average (zeros where None), as Horovod's PyTorch
+    optimizer. ``overwrite_with_gradient`` variables take the maximum over the micro-batches (as
+    Keras's gradient accumulation) and the average over workers. The gradients of 16-bit
+    variables are accumulated, all-reduced (Horovod has no bfloat16 all-reduce) and handed to the
+    wrapped optimizer in float32.
     """
 
     def __init__(self, optimizer, name=None, device_dense="", device_sparse="", compression="none",
@@ -303,6 +310,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.average_aggregated_gradients = average_aggregated_gradients
         self.skip_nonfinite = skip_nonfinite
         self.process_set = process_set
+        self._warned_sparse = False
         self.op, self.gradient_predivide_factor, self.device_dense = op, predivide, device_dense
 
     @property
@@ -314,7 +322,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             return
         var_list = list(var_list)
         if self.micro_batches > 1:
-            self._grad_acc = self.add_optimizer_variables(var_list, "grad_accumulator")
+            # float32 for 16-bit variables; overwrite_with_gradient ones keep their maximum.
+            self._grad_acc = state_variables(self, var_list, "grad_accumulator", overwrite=True)
             if self.needs_squares:
                 self._sq_acc = [
                     self.add_variable(tuple(v.shape), dtype=stat_dtype(tf.as_dtype(v.dtype), self.square_dtype),
@@ -334,26 +343,42 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def variables(self):
         return self._variables + self.inner_optimizer.variables
 
+    set_weights = set_all_weights
+
     def apply(self, grads, trainable_variables=None):
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
             self.built = True
         tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
-        grads = _filled(grads, tvs)
+        grads = list(grads)
+        if self.needs_squares:  # (every gradient goes dense; for GSNR with one warning, as on torch)
+            for i, g in enumerate(grads):
+                grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
+        if all(g is None for g in grads):
+            raise ValueError("No gradients provided for any variable.")
+        absent = [g is None for g in grads]  # this rank's, known when traced (see _step)
+        # 16-bit gradients are reduced and handed on in float32 (``compression="fp16"`` halves the wire).
+        grads = [tf.cast(g, work_dtype(g.dtype)) for g in _filled(grads, tvs)]
         if self.micro_batches == 1:
             sq = [tf.square(_sample(g, self.inner_optimizer, self.square_dtype)) for g in grads] if self.needs_squares else None
-            self._step(grads, sq, tvs)
+            self._step(grads, sq, tvs, absent)
         else:
-            self._accumulate(grads, tvs)
+            self._accumulate(grads, tvs, absent)
         # Counts micro-batches; the wrapped optimizer's ``iterations`` counts real steps.
         self._iterations.assign_add(1)
 
-    def _accumulate(self, grads, tvs):
+    def _accumulate(self, grads, tvs, absent):
         M = self.micro_batches
         idx = [self._get_variable_index(v) for v in tvs]
-        for g, i in zip(grads, idx):
-            self._grad_acc[i].assign_add(tf.cast(g, self._grad_acc[i].dtype))
+        overwrite = [getattr(v, "overwrite_with_gradient", False) for v in tvs]
+        for g, i, ow in zip(grads, idx, overwrite):
+            acc = self._grad_acc[i]
+            if ow:
+                # As Keras's gradient accumulation: the maximum over the micro-batches (float8 scales).
+                acc.assign(tf.maximum(acc, tf.cast(g, acc.dtype)))
+                continue
+            acc.assign_add(tf.cast(g, acc.dtype))
             if self.needs_squares:
                 x = M * _sample(g, self.inner_optimizer, self.square_dtype)
                 self._sq_acc[i].assign_add(x * x)
@@ -364,27 +389,48 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             sq = [tf.convert_to_tensor(self._sq_acc[i].value) / M for i in idx] if self.needs_squares else None
             if self.average_aggregated_gradients:
                 # Samples x = g_m: ḡ/M and s/M² (SPEC §7).
-                local = [g / M for g in local]
+                local = [g if ow else g / M for g, ow in zip(local, overwrite)]
                 sq = None if sq is None else [s / (M * M) for s in sq]
-            self._step(local, sq, tvs)
+            self._step(local, sq, tvs, absent)
             for acc in self._grad_acc + (self._sq_acc if self.needs_squares else []):
                 acc.assign(tf.zeros(acc.shape, acc.dtype))
             return tf.constant(True)
 
         tf.cond((self._iterations + 1) % M == 0, real_step, lambda: tf.constant(False))
 
-    def _step(self, grads, sq, tvs):
+    def _step(self, grads, sq, tvs, absent):
+        n, workers = len(grads), _process_set(self.process_set).size()
+        if workers > 1:
+            # Per variable, in the same cycle: does some rank have its gradient, and does some
+            # rank lack it (a gradient None on this rank is sent as zeros, so nothing hangs).
+            flags = tf.constant([0.0 if a else 1.0 for a in absent] + [1.0 if a else 0.0 for a in absent],
+                                grads[0].dtype)
+            grads = grads + [flags]
+            sq = None if sq is None else sq + [tf.zeros(2 * n, sq[0].dtype)]
         mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set,
                                      self.micro_batches, self.op, self.gradient_predivide_factor,
                                      self.device_dense)
+        mixed = False
+        if workers > 1:
+            flags, mean, sq = mean[-1], mean[:-1], None if sq is None else sq[:-1]
+            mixed = tf.reduce_any(tf.logical_and(flags[:n] != 0, flags[n:] != 0))
 
-        def step():
+        def apply(dropped):
+            # A variable whose gradient is None on every rank gets None: Keras leaves it untouched.
             if sq is not None:
                 # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
                 # every rank, so all ranks skip or step together.
-                _vr_target(self.inner_optimizer).set_grad_sq(sq)
-            self.inner_optimizer.apply(mean, tvs)
+                _vr_target(self.inner_optimizer).set_grad_sq([None if d else s for s, d in zip(sq, dropped)])
+            self.inner_optimizer.apply([None if d else g for g, d in zip(mean, dropped)], tvs)
             return tf.constant(True)
+
+        def step():
+            if not any(absent) or mixed is False:
+                return apply(absent)
+            # Some variable has a gradient on some ranks only: every rank steps every variable on
+            # the average (zeros where absent), as Horovod's PyTorch optimizer; otherwise the
+            # None set is the same on every rank and stays untouched.
+            return tf.cond(mixed, lambda: apply([False] * n), lambda: apply(absent))
 
         if not self.skip_nonfinite:
             step()
@@ -409,6 +455,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     @property
     def iterations(self):
         return self.inner_optimizer.iterations
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        self.inner_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
 
     def scale_loss(self, loss):
         return self.inner_optimizer.scale_loss(loss)

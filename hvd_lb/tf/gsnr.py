@@ -6,6 +6,7 @@ optimizer"). The maths is ``hvd_lb.formulas.gsnr_ratio``/``gsnr_scale`` on TF te
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from fnmatch import fnmatchcase
 from typing import Dict, List
@@ -17,8 +18,8 @@ from keras.src.utils import tracking
 
 from .. import formulas as F
 from .. import grouping, rules
-from ._args import check_learning_rate
-from ._ops import B, stat_dtype, variable_path
+from ._args import check_learning_rate, learning_rate_checks
+from ._ops import B, check_float_variables, stat_dtype, state_variables, variable_path
 
 
 def _get_inner_lr(self):
@@ -31,6 +32,33 @@ def _set_inner_lr(self, learning_rate):
 
 # The learning rate of a wrapper (GSNR, DistributedOptimizer) is its wrapped optimizer's.
 inner_learning_rate = property(_get_inner_lr, _set_inner_lr)
+
+
+def set_all_weights(opt, weights):
+    """Keras's ``set_weights`` over ``opt.variables``: a wrapper's own and its wrapped optimizer's."""
+    if not opt.built:
+        raise ValueError("You are calling `set_weights()` on an optimizer that has not yet been built. "
+                         "Please call `optimizer.build(trainable_variables)` first.")
+    variables = opt.variables
+    if len(weights) != len(variables):
+        raise ValueError(f"invalid weights: {len(weights)} arrays for the {len(variables)} variables of "
+                         f"optimizer '{opt.name}'")
+    for variable, weight in zip(variables, weights):
+        if tuple(variable.shape) != tuple(weight.shape):
+            raise ValueError(f"Optimizer variable {variable.path} has shape {tuple(variable.shape)} not "
+                             f"compatible with provided weight shape {tuple(weight.shape)}.")
+        variable.assign(weight)
+
+
+def _densify(g, warned):
+    """A sparse gradient (tf.IndexedSlices) as a dense tensor: GSNR's variance is per element.
+    Returns (gradient, whether warned)."""
+    if isinstance(g, tf.IndexedSlices):
+        if not warned:
+            warnings.warn("hvd_lb: sparse gradients are densified for GSNR (the element-wise variance "
+                          "needs every element)", stacklevel=4)
+        return tf.convert_to_tensor(g), True
+    return g, warned
 
 
 class _Scratch:
@@ -46,7 +74,7 @@ def _key(v):
 
 
 def _gsnr_one(mean, sq, g, avg, t, gamma, momentum, scale):
-    """SPEC §2 on one variable → (ĝ and p_t in ``avg``'s dtype, float32 [μ_r, clipped fraction]).
+    """SPEC §2 on one variable → (ĝ in ``g``'s dtype, p_t in ``avg``'s, float32 [μ_r, clipped fraction]).
 
     ``mean``, ``sq``: ḡ and s (times ``scale`` = the loss scale factor, or None);
     ``g``: ḡ after Keras' clipping; ``avg``: p_{t−1}; ``t``: this step, from 1.
@@ -54,7 +82,7 @@ def _gsnr_one(mean, sq, g, avg, t, gamma, momentum, scale):
     # float32 or wider, and at least s's: float64 squares (square_dtype="float64") keep
     # |x| > 1.8e19 finite, so the maths runs in float64 too.
     sd = tf.float64 if tf.as_dtype(sq.dtype) == tf.float64 else stat_dtype(avg.dtype)
-    dtype, shape = avg.dtype, tf.shape(avg)
+    shape = tf.shape(avg)
     # Element-wise maths and whole-tensor means only, so on flat views (free reshapes): XLA
     # then fuses a tensor of any rank into the same loops (a 512x256x3x3 float32 kernel:
     # 9.9 -> 6.2 ms; 3x3x256x512: 7.6 -> 6.0 ms).
@@ -64,7 +92,7 @@ def _gsnr_one(mean, sq, g, avg, t, gamma, momentum, scale):
         mean, sq = mean / scale, sq / (scale * scale)
     r, mu, clipped = F.gsnr_ratio(B, mean, sq, gamma, F.variance_floor(sd == tf.float64))
     g_hat, p = F.gsnr_scale(B, tf.cast(g, sd), r, tf.cast(avg, sd), momentum, tf.cast(t, sd))
-    return (tf.reshape(tf.cast(g_hat, dtype), shape), tf.reshape(tf.cast(p, dtype), shape),
+    return (tf.reshape(tf.cast(g_hat, g.dtype), shape), tf.reshape(tf.cast(p, avg.dtype), shape),
             tf.cast(tf.stack([mu, clipped]), tf.float32))
 
 
@@ -102,7 +130,10 @@ class GSNR(keras.optimizers.Optimizer):
     none, SPEC §7). Keras arguments (``clipnorm``, ``loss_scale_factor``, ``use_ema``,
     ...) given here act on ḡ before scaling, r being computed from the unclipped
     statistics; the learning rate and weight decay are the wrapped optimizer's.
-    For mixed precision put it inside: ``LossScaleOptimizer(GSNR(opt))``.
+    For mixed precision put it inside: ``LossScaleOptimizer(GSNR(opt))``. A sparse gradient
+    (``tf.IndexedSlices``) is densified, with one warning (the variance is per element); a
+    variable with a None gradient is left untouched, as Keras does. ``variables`` and
+    ``set_weights`` (hence checkpoints and ``.keras`` files) cover the wrapped optimizer's state.
 
     ``fused=True`` computes each variable's r, μ_r, clipped fraction, p_t and ĝ in one
     XLA-compiled ``tf.function`` call (the assignments stay outside), equal to ``fused=False``
@@ -143,6 +174,7 @@ class GSNR(keras.optimizers.Optimizer):
         self.gamma, self.momentum, self.fused = gamma, momentum, fused
         self._exclude = exclude
         self._io = _Scratch()
+        self._warned_sparse = False
         _LIVE.add(self)
 
     @staticmethod
@@ -161,9 +193,10 @@ class GSNR(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        check_float_variables(variables, f"optimizer '{self.name}'")
         super().build(variables)
         self._scaled = [not any(fnmatchcase(variable_path(v), p) for p in self._exclude) for v in variables]
-        self.gsnr_avg = self.add_optimizer_variables(variables, rules.GSNR_SLOT)
+        self.gsnr_avg = state_variables(self, variables, rules.GSNR_SLOT)
         # Rows: (mean GSNR μ_r, fraction clipped to γ) per variable, read by gsnr_diagnostics.
         self._gsnr_diag = self.add_variable((len(variables), 2), dtype="float32", name="gsnr_diagnostics")
         self.inner_optimizer.build(variables)
@@ -171,6 +204,8 @@ class GSNR(keras.optimizers.Optimizer):
     @property
     def variables(self):
         return self._variables + self.inner_optimizer.variables
+
+    set_weights = set_all_weights
 
     # -- the wrapped optimizer's learning rate and weight decay ---------------------------
 
@@ -191,6 +226,8 @@ class GSNR(keras.optimizers.Optimizer):
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
+        for i, g in enumerate(grads):
+            grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
         if len(grads):
             sq, self._io.pending_sq = self._io.pending_sq, None
             tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
@@ -213,6 +250,11 @@ class GSNR(keras.optimizers.Optimizer):
             self._io.stats = None
 
     def _backend_update_step(self, grads, variables, learning_rate):
+        # The wrapped optimizer's rate: refused here too when it is a Keras one (issue 17).
+        with tf.control_dependencies(learning_rate_checks(self.inner_optimizer, learning_rate, self.name)):
+            self._update(grads, variables)
+
+    def _update(self, grads, variables):
         variables = list(variables)
         one = _gsnr_xla() if self.fused else _gsnr_one
         t = self.iterations + 1
@@ -224,8 +266,8 @@ class GSNR(keras.optimizers.Optimizer):
                 continue
             mean, sq = self._io.stats[self._var_key(v)]
             avg = self.gsnr_avg[i]
-            g_hat, p, row = one(mean, sq, g, tf.convert_to_tensor(avg), t, self.gamma, self.momentum,
-                                self.loss_scale_factor)
+            g_hat, p, row = one(mean, sq, tf.convert_to_tensor(g), tf.convert_to_tensor(avg), t, self.gamma,
+                                self.momentum, self.loss_scale_factor)
             self.assign(avg, p)
             # A shared XLA trace may have unknown dimensions (reduce_retracing): give the
             # wrapped optimizer ĝ with its variable's static shape.

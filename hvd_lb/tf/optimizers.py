@@ -22,8 +22,8 @@ from keras.src.utils import tracking
 
 from .. import formulas as F
 from .. import grouping, rules
-from ._args import check_keras, check_learning_rate
-from ._ops import B, _like, variable_path
+from ._args import check_keras, check_learning_rate, learning_rate_checks
+from ._ops import B, _like, check_float_variables, state_variables, variable_path, work_dtype
 from .gsnr import GSNR
 
 # Keras base-optimizer arguments passed through untouched.
@@ -76,7 +76,11 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
     trust-ratio adaptation and weight decay off/on (default: off for
     ``ndim ≤ 1``, see ``hvd_lb.grouping``), and the usual Keras optimizer
     arguments (``clipnorm``, ``use_ema``, ``gradient_accumulation_steps``, ...).
-    The update itself is ``UPDATES[rule.base]``.
+    The update itself is ``UPDATES[rule.base]``. Sparse gradients step as their dense value
+    (as Keras's AdamW and Lamb); bfloat16/float16 variables step in float32, with float32
+    state, and are written back in their dtype; a non-float variable is refused at build; a
+    negative or non-finite learning rate from a callable, schedule or tensor is refused at the
+    step (ValueError; a schedule's later values in a graph: a TF assertion).
 
     ``fused=True`` runs the update of each variable as one XLA-compiled ``tf.function``
     call returning the new weight and slots, for every rule alike; ``prepare`` (SNGM's
@@ -139,12 +143,13 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        check_float_variables(variables, f"optimizer '{self.name}'")
         super().build(variables)
         # Per tensor: True = trust ratio and weight decay on (SPEC §3).
         self._adapt = [not grouping.is_excluded(variable_path(v), len(v.shape), self._exclude, self._include)
                        for v in variables]
         for slot in self._rule.slots:
-            setattr(self, slot, self.add_optimizer_variables(variables, slot))
+            setattr(self, slot, state_variables(self, variables, slot))
 
     def slots(self) -> Dict[str, List]:
         """State slot name (``rules.Rule.slots``) → list of optimizer variables, in variable order."""
@@ -164,12 +169,18 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         return
 
     def _backend_update_step(self, grads, variables, learning_rate):
+        with tf.control_dependencies(learning_rate_checks(self, learning_rate, self.name)):
+            self._update(grads, variables, learning_rate)
+
+    def _update(self, grads, variables, learning_rate):
         update, prepare = UPDATES[self._rule.base]
         one = _update_xla(update) if self.fused else functools.partial(_update_one, update)
         variables = list(variables)
         idx = [self._get_variable_index(v) for v in variables]
-        weights = [tf.convert_to_tensor(v) for v in variables]
-        grads = [tf.cast(g, w.dtype) for g, w in zip(grads, weights)]
+        # 16-bit variables step in float32 (their state is float32); a sparse gradient
+        # (tf.IndexedSlices) steps as its dense value, as Keras's AdamW and Lamb do.
+        weights = [tf.cast(tf.convert_to_tensor(v), work_dtype(v.dtype)) for v in variables]
+        grads = [tf.cast(tf.convert_to_tensor(g), w.dtype) for g, w in zip(grads, weights)]
         wds = [self._hp["weight_decay"] if self._adapt[i] and self._use_weight_decay(v) else 0.0
                for i, v in zip(idx, variables)]
         # Computed from every tensor before any is updated (SNGM's global norm).
@@ -359,8 +370,9 @@ def _tvlars(c, g, w, state):
     return w
 
 
-def create(name: str, learning_rate=None, **hparams) -> keras.optimizers.Optimizer:
-    """``create("vr-lamb", learning_rate=1e-3, weight_decay=0.01)`` → the Keras optimizer."""
+def create(name: str, /, learning_rate=None, **hparams) -> keras.optimizers.Optimizer:
+    """``create("vr-lamb", learning_rate=1e-3, weight_decay=0.01)`` → the Keras optimizer
+    (``name=`` in ``hparams`` is the optimizer's Keras name)."""
     return OPTIMIZERS[rules.get_rule(name).name](learning_rate=learning_rate, **hparams)
 
 
