@@ -153,3 +153,24 @@ def compile_kernel(fn, key=()):
 def real_view(t: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real view (..., 2): re and im are two real elements, as in torch.optim."""
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+NARROW = (torch.float16, torch.bfloat16)
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """16-bit parameters keep float32 state and step in float32 (as Keras does): fp16 second
+    moments underflow below 6e-8 and bf16 rounds 1 − β₂ to 0."""
+    return torch.float32 if p.dtype in NARROW else p.dtype
+
+
+def keep_wide_state(opt, state_dict, keys=None) -> None:
+    """After ``load_state_dict``: the saved float32 state of 16-bit parameters, not torch's cast of it."""
+    ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in zip(ids, params):
+        if p.dtype not in NARROW:
+            continue
+        for k, v in state_dict["state"].get(i, {}).items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and (keys is None or k in keys):
+                opt.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)

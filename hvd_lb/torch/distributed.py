@@ -99,6 +99,7 @@ class _DistributedGSNR(GSNR):
         self._param_names.update(self._parameter_names)
         self._delay = {p: micro_batches for p in self._parameter_names}
         self._squares = MicroBatchSquares()  # Σ_m g_m² per tensor over this step's micro-batches
+        self._absent = set()  # parameters sent as zeros this step (no gradient on this rank)
         self._handles = {}   # p → (kind, handle(s), compression ctx)
         self._stats = {}     # p → s after synchronize()
         self._gnorm = {}     # p → ‖ḡ‖ after synchronize(), to follow later rescaling
@@ -175,9 +176,13 @@ class _DistributedGSNR(GSNR):
             self._enqueue(p)
 
     def _enqueue(self, p):
+        # 1 where this rank has a gradient: the mean over ranks tells, in the same all-reduce,
+        # whether any rank had one (none: the parameter is left alone, as torch does).
+        present = (torch.ones if p.grad is not None else torch.zeros)(1, device=p.device)
         if p.grad is None:
             # Not used on this rank, maybe on others: its samples are zero here.
             p.grad = torch.zeros_like(p)
+            self._absent.add(p)
         self._densify(p)
         # Local share of s, M·Σ_m g_m²; Average over workers gives (1/k)Σx².
         sq = self._squares.take(p, self.micro_batches)
@@ -188,12 +193,13 @@ class _DistributedGSNR(GSNR):
         pre, post = self._scale
         if self.square_dtype == "bfloat16":
             bits = sq.to(torch.bfloat16).view(torch.int16).reshape(1, -1)
-            h_g = hvd.allreduce_async_(grad, name=name, op=self.op, process_set=self.process_set,
-                                       prescale_factor=pre, postscale_factor=post)
+            h_g = hvd.grouped_allreduce_async_([grad, present], name=name, op=self.op,
+                                               process_set=self.process_set,
+                                               prescale_factor=pre, postscale_factor=post)
             h_s = hvd.allgather_async(bits, name=name + ".sq", process_set=self.process_set)
             self._handles[p] = ("split", (h_g, h_s), ctx)
         else:
-            h = hvd.grouped_allreduce_async_([grad, sq], name=name, op=self.op,
+            h = hvd.grouped_allreduce_async_([grad, sq, present], name=name, op=self.op,
                                              process_set=self.process_set,
                                              prescale_factor=pre, postscale_factor=post)
             self._handles[p] = ("grouped", h, ctx)
@@ -217,19 +223,27 @@ class _DistributedGSNR(GSNR):
             # as in torch. Several: zeros, so that every rank reduces and steps it alike.
             if not (alone and p.grad is None):
                 self._enqueue(p)
+        present = {}
         for p, (kind, handle, ctx) in self._handles.items():
             if kind == "grouped":
-                grad, sq = hvd.synchronize(handle)
+                grad, sq, present[p] = hvd.synchronize(handle)
             else:
-                grad = hvd.synchronize(handle[0])
+                grad, present[p] = hvd.synchronize(handle[0])
                 bits = hvd.synchronize(handle[1])
                 sq = bits.view(torch.bfloat16).reshape(-1, real_view(p).numel()).float().mean(0)
             p.grad.set_(self._compression.decompress(grad, ctx))
             sq = sq.to(self._work_dtype(p)).view(real_view(p).shape)
             self._stats[p] = torch.view_as_complex(sq) if p.is_complex() else sq
+        # Only a parameter this rank did not use can be unused everywhere: one host read for those.
+        absent = [p for p in self._absent if p in present]
+        for p, mean in zip(absent, torch.cat([present[p] for p in absent]).tolist() if absent else ()):
+            if mean == 0:  # no rank had a gradient: grad None, not stepped (identical on every rank)
+                p.grad = None
+                self._stats.pop(p)
+        self._absent.clear()
         for p in self._delay:
             self._delay[p] = self.micro_batches
-        synced = list(self._handles)
+        synced = [p for p in self._handles if p.grad is not None]
         # One foreach pass in float32 (float64 only on overflow): a float64 norm would copy
         # every gradient to float64.
         self._gnorm.update(zip(synced, norms([p.grad for p in synced])))
@@ -301,6 +315,7 @@ class _DistributedGSNR(GSNR):
 
     def load_state_dict(self, state_dict):
         self._handles.clear()
+        self._absent.clear()
         self._squares.clear()
         self._stats.clear()
         self._gnorm.clear()

@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, compile_kernel, flat, graph_scalar, mul_into, real_view, scratch, specialized_floats
+from ._ops import (T, compile_kernel, flat, graph_scalar, keep_wide_state, mul_into, real_view, scratch,
+                   specialized_floats)
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 
@@ -182,6 +183,7 @@ class GSNR(torch.optim.Optimizer):
     def load_state_dict(self, state_dict) -> None:
         """Load into the wrapped optimizer; state dicts of older hvd_lb versions load too."""
         self.optimizer.load_state_dict(state_dict)
+        keep_wide_state(self, state_dict, keys=(rules.GSNR_SLOT,))  # p_t stays float32
         for st in self.state.values():
             # Before the transform kept its own count, p_t's count was the rule's ``step``.
             if isinstance(st, dict) and rules.GSNR_SLOT in st and "gsnr_step" not in st and "step" in st:

@@ -26,7 +26,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import T, compile_kernel, flat, graph_scalar, out_kernels, real_view, scratch, specialized_floats
+from ._ops import (NARROW, T, compile_kernel, flat, graph_scalar, keep_wide_state, out_kernels, real_view,
+                   scratch, specialized_floats, state_dtype)
 from .gsnr import param_name, vr_class
 
 
@@ -182,9 +183,15 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         if state:
             return
         state["step"] = 0
+        dtype = state_dtype(p)
         for slot in self.rule.slots:
             # prev_iterate starts as w; it is set again to w_1 at t = 1.
-            state[slot] = p.detach().clone() if slot == "prev_iterate" else torch.zeros_like(p)
+            state[slot] = p.detach().to(dtype, copy=True) if slot == "prev_iterate" else \
+                torch.zeros_like(p, dtype=dtype)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        keep_wide_state(self, state_dict)
 
     def param_name(self, p: torch.Tensor) -> str:
         return param_name(self, p)
@@ -197,7 +204,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         kernel = KERNELS[self.rule.base]
-        work = []
+        work, narrow = [], []
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
             if not ps:
@@ -211,13 +218,19 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
             states = [self.state[p] for p in ps]
             for st in states:
                 st["step"] += 1
-            work.append((group, [real_view(p) for p in ps], [real_view(p.grad) for p in ps],
+            # What the kernels update: the parameter, its real view (complex), or a float32
+            # copy written back below (16-bit).
+            wide = [p.float() if p.dtype in NARROW else real_view(p) for p in ps]
+            narrow.extend((p, w) for p, w in zip(ps, wide) if p.dtype in NARROW)
+            work.append((group, wide, [p.grad.float() if p.dtype in NARROW else real_view(p.grad) for p in ps],
                          [_real_state(st) if p.is_complex() else st for p, st in zip(ps, states)]))
         shared = kernel.prepare(work) if kernel.prepare is not None and work else None
         for group, ps, gs, states in work:
             fn = (kernel.fused if group.get("fused") else
                   kernel.single if group["foreach"] is False else kernel.foreach)
             fn(group, ps, gs, states, shared)
+        for p, w in narrow:
+            p.copy_(w)
         return loss
 
 

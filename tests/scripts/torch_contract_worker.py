@@ -102,8 +102,21 @@ def case_unused_param(lbt, rank, M):
         lbt.GSNR(torch.optim.SGD(params + [unused], lr=0.1, momentum=0.9, weight_decay=0.1)),
         micro_batches=M)
     run(opt, params, M, rank, steps=2)
-    return {"grad_none": unused.grad is None, "unchanged": bool((unused == 1).all()),
-            "no_state": "momentum_buffer" not in opt.state[unused]}
+    out = {"grad_none": unused.grad is None, "unchanged": bool((unused == 1).all()),
+           "no_state": "momentum_buffer" not in opt.state[unused]}
+    # Used on rank 0 only: reduced as zeros elsewhere, stepped alike on every rank.
+    mixed = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    opt = lbt.DistributedOptimizer(lbt.GSNR(torch.optim.SGD(params + [mixed], lr=0.1, weight_decay=0.1)),
+                                   micro_batches=M)
+    for step in range(1, 3):
+        for m in range(M):
+            backward(params, micro_grads(step, rank, m, M))
+            if rank == 0:
+                (mixed * (m + 1.0)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    out["mixed"] = mixed.detach().tolist()
+    return out
 
 
 def case_second_wrapper(lbt, rank, M):
