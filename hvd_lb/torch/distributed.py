@@ -301,10 +301,7 @@ class _DistributedGSNR(GSNR):
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
-        if self._handles:
-            raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
-                                 "optimizer.step() or optimizer.synchronize(): this is prohibited "
-                                 "as it can cause a race condition")
+        _check_no_pending(self)
         if any(self._squares.count.values()):
             # g_m = p.grad − p.grad before: zeroing between micro-batches would invent a sample.
             raise RuntimeError(
@@ -370,12 +367,17 @@ def _horovod_step(self, closure=None):
     return loss
 
 
+def _check_no_pending(opt) -> None:
+    """Horovod's ``zero_grad`` check: no all-reduce may still be writing into a gradient."""
+    if opt._handles:
+        raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
+                             "optimizer.step() or optimizer.synchronize(): this is prohibited "
+                             "as it can cause a race condition")
+
+
 def _horovod_zero_grad(self, set_to_none: bool = True):
     """Horovod's ``zero_grad`` check, with torch's ``set_to_none`` (Horovod's takes no argument)."""
-    if self._handles:
-        raise AssertionError("optimizer.zero_grad() was called after loss.backward() but before "
-                             "optimizer.step() or optimizer.synchronize(). This is prohibited as it "
-                             "can cause a race condition.")
+    _check_no_pending(self)
     return type(self).__mro__[1].zero_grad(self, set_to_none)
 
 
