@@ -269,18 +269,9 @@ class _DistributedGSNR(GSNR):
         (GradScaler's unscale, norm clipping): every sample is rescaled alike,
         so s is multiplied by (‖g_now‖/‖ḡ‖)² per tensor.
         """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._should_synchronize:
-            if self._synchronized:
-                # Horovod reduces again (the mean of equal values); s of the first reduction stands.
-                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
-                              "after optimizer.synchronize(): using the statistics already reduced")
-            else:
-                self.synchronize()
-        self._synchronized = False
+        # Horovod reduces again after a synchronize() (the mean of equal values); s of the first
+        # reduction stands, so this wrapper does not.
+        loss = _closure_and_synchronize(self, closure, again=False)
         sq, rescaled = {}, []
         for group in self.param_groups:
             for p in group["params"]:
@@ -346,21 +337,29 @@ def _skip(opt, extra=()) -> bool:
     return True
 
 
+def _closure_and_synchronize(opt, closure, again: bool):
+    """The start of a wrapper's step: the closure (its backward feeds the all-reduce), then
+    ``synchronize()`` unless skipped or, where not ``again``, already done. Returns the loss."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    if opt._should_synchronize:
+        if opt._synchronized:
+            warnings.warn("optimizer.step() called without optimizer.skip_synchronize() after "
+                          "optimizer.synchronize(). This can cause training slowdown.")
+        if again or not opt._synchronized:
+            opt.synchronize()
+    opt._synchronized = False
+    return loss
+
+
 @torch._dynamo.disable  # eager under torch.compile(opt.step), as _DistributedGSNR.step
 def _horovod_step(self, closure=None):
     """Horovod's step, with the closure run first (its backward feeds the all-reduce), torch's
     hooks run once (Horovod's calls the hooked step of its base class inside its own hooked
     step) and ``skip_nonfinite``."""
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    if self._should_synchronize:
-        if self._synchronized:
-            warnings.warn("optimizer.step() called without optimizer.skip_synchronize() context after "
-                          "optimizer.synchronize(). This can cause training slowdown.")
-        self.synchronize()
-    self._synchronized = False
+    loss = _closure_and_synchronize(self, closure, again=True)
     if self.skip_nonfinite and _skip(self):
         return loss
     unhooked_step(self, type(self).__mro__[1])()
