@@ -206,17 +206,23 @@ def test_too_many_backward_passes_raise(one_process, M):
         _steps(model, opt, M + 1, steps=1)
 
 
-def test_bfloat16_parameters_send_two_all_reduces(one_process):
-    """bf16 gradients, float32 s: the step matches the reference on the bf16-rounded samples."""
-    model = DDP(ddp_worker.Toy().to(torch.bfloat16))
-    opt = lbt.create("vr-sgd", model.module, lr=0.1)
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["vr-sgd", "vr-lamb", "lamb"])
+def test_16_bit_parameters_match_the_reference(one_process, name, dtype, tol):
+    """16-bit gradients (two all-reduces when s is float32), rule state in float32: 3 steps match
+    the reference on the rounded samples within a few units of the dtype's rounding."""
+    model = DDP(ddp_worker.Toy().to(dtype))
+    opt = lbt.create(name, model.module, lr=0.1)
     lb_ddp.register(model, opt, micro_batches=2)
     w0 = [p.detach().double().numpy().copy() for p in model.parameters()]
-    grads = [[torch.tensor(g).to(torch.bfloat16) for g in worker.micro_grads(1, 0, m, 2)] for m in range(2)]
-    for m, g in enumerate(grads):
-        with model.no_sync() if m == 0 else contextlib.nullcontext():
-            model(g).backward()
-    opt.step()
-    ref = reference.ReferenceOptimizer("vr-sgd", w0, lr=0.1, adapt=[True, False], decay=[True, False])
-    ref.step_samples(reference.micro_batch_samples([[[t.double().numpy() for t in g] for g in grads]]))
-    assert_params([ddp_worker._dump(p) for p in model.parameters()], ref.params, 2e-2, "bf16")
+    ref = reference.ReferenceOptimizer(name, w0, lr=0.1, adapt=[True, False], decay=[True, False])
+    for step in range(1, 4):
+        grads = [[torch.tensor(g).to(dtype) for g in worker.micro_grads(step, 0, m, 2)] for m in range(2)]
+        for m, g in enumerate(grads):
+            with model.no_sync() if m == 0 else contextlib.nullcontext():
+                model(g).backward()
+        opt.step()
+        opt.zero_grad()
+        ref.step_samples(reference.micro_batch_samples([[[t.double().numpy() for t in g] for g in grads]]))
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert_params([ddp_worker._dump(p) for p in model.parameters()], ref.params, tol, str(dtype))
