@@ -603,3 +603,15 @@ def test_none_gradients_under_horovod(ranks, graph):
 def test_bfloat16_gradient_tape_under_horovod(ranks):
     for r in results(ranks, "tape/bfloat16"):
         assert r == {"dtype": "bfloat16", "value": [1.5, 3.0, 4.5]}
+
+
+def test_micro_batches_keep_a_gradient_only_an_earlier_micro_batch_had():
+    """An eager loop's None set may change between micro-batches: a variable with a gradient in
+    any of them steps on the sum; one with none in all of them is left alone."""
+    hvd = pytest.importorskip("horovod.tensorflow")
+    hvd.init()
+    a, b, c = (keras.Variable(1.0) for _ in range(3))
+    opt = H.DistributedOptimizer(keras.optimizers.SGD(0.1), micro_batches=2)
+    opt.apply([tf.constant(1.0), tf.constant(1.0), None], [a, b, c])
+    opt.apply([tf.constant(1.0), None, None], [a, b, c])
+    np.testing.assert_allclose([float(a.numpy()), float(b.numpy()), float(c.numpy())], [0.8, 0.9, 1.0], rtol=1e-6)

@@ -193,3 +193,18 @@ def test_float32_gsnr_paths_within_the_documented_bound(noise):
     s, g = sq.double(), mean.double()
     cond = s / torch.clamp(s - g * g, min=2.0 ** -21 * s)
     assert bool(((foreach - single).abs() <= 64 * 2.0 ** -24 * cond * single.abs() + 1e-7 * top).all())
+
+
+def test_hyperparameters_changing_every_step_are_an_error_not_a_compile_per_step(monkeypatch):
+    """OneCycleLR cycles momentum by default: each value would be a new compiled kernel."""
+    from hvd_lb.torch import _ops
+    monkeypatch.setattr(_ops, "_KEYS", {})  # this test's keys only
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = lbt.create("momentum", [w], lr=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=40)
+    with pytest.raises(RuntimeError, match="fused=False, or schedule lr only"):
+        for _ in range(40):
+            w.grad = torch.ones_like(w)
+            opt.step()
+            sched.step()
+

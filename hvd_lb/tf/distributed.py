@@ -371,6 +371,11 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def _accumulate(self, grads, tvs, absent):
         M = self.micro_batches
         idx = [self._get_variable_index(v) for v in tvs]
+        if tf.executing_eagerly():
+            # An eager loop's None set may change between micro-batches: a variable with a
+            # gradient in any of them steps. (A traced step has one None set for all of them.)
+            self._present = getattr(self, "_present", set()) | {i for i, a in zip(idx, absent) if not a}
+            absent = [i not in self._present for i in idx]
         overwrite = [getattr(v, "overwrite_with_gradient", False) for v in tvs]
         for g, i, ow in zip(grads, idx, overwrite):
             acc = self._grad_acc[i]
@@ -394,6 +399,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self._step(local, sq, tvs, absent)
             for acc in self._grad_acc + (self._sq_acc if self.needs_squares else []):
                 acc.assign(tf.zeros(acc.shape, acc.dtype))
+            self._present = set()
             return tf.constant(True)
 
         tf.cond((self._iterations + 1) % M == 0, real_step, lambda: tf.constant(False))

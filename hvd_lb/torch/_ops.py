@@ -134,8 +134,28 @@ def specialized_floats():
                                "inputs); use fused=False (foreach) for these parameters") from e
 
 
-@functools.lru_cache(maxsize=None)
+# Distinct constants keys one kernel may compile for: each is a compile of seconds, so a group
+# whose hyperparameters change every step (a scheduler on momentum or betas) must be an error.
+KEYS_PER_KERNEL = 16
+_KEYS: dict = {}
+
+
 def compile_kernel(fn, key=()):
+    """``_compile_copy(fn, key)``, refusing a kernel that would compile for ever more constants."""
+    keys = _KEYS.setdefault(fn, set())
+    if key not in keys:
+        if len(keys) >= KEYS_PER_KERNEL:
+            raise RuntimeError(
+                f"fused=True: {fn.__name__} would compile for a {len(keys) + 1}th set of hyperparameters "
+                f"{key}: each value of a hyperparameter other than lr is a compiled kernel, so one that "
+                "changes every step (e.g. OneCycleLR's cycle_momentum) recompiles every step; use "
+                "fused=False, or schedule lr only")
+        keys.add(key)
+    return _compile_copy(fn, key)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_copy(fn, key=()):
     """``fn`` through ``torch.compile`` (Inductor: C++ on CPU, Triton on GPU), one copy per ``key``.
 
     ``key``: the constants ``fn`` is called with (hyperparameters of a group). Dynamo counts its

@@ -179,8 +179,9 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
     Args:
         model: a ``torch.nn.parallel.DistributedDataParallel``, before its first backward.
         optimizer: any torch optimizer over ``model``'s parameters. With the GSNR transform
-            (``vr-*`` rules, ``hvd_lb.torch.GSNR(opt)``) a communication hook and a step
-            pre-hook are installed; without it DDP's own all-reduce is already the rule's ḡ.
+            (``vr-*`` rules, ``hvd_lb.torch.GSNR(opt)``) a communication hook is installed
+            and the optimizer's step takes s from it (after a closure's backward, if any);
+            without it DDP's own all-reduce is already the rule's ḡ.
         micro_batches: M backward passes per step, the first M − 1 inside ``model.no_sync()``.
             Gradients are SUMMED over them (as Horovod's ``backward_passes_per_step``): scale
             each micro-batch's loss by 1/M for the mean. GSNR needs k = world size·M ≥ 2.

@@ -384,7 +384,8 @@ def _horovod_reduce(self):
     """deepcopy/pickle of Horovod's wrapper: the optimizer it was built from, wrapped anew."""
     base = type(self).__mro__[1]
     plain = base.__new__(base)
-    base.__setstate__(plain, {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups})
+    base.__setstate__(plain, {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups,
+                              "_param_names": getattr(self, "_param_names", {})})
     return _rebuild, (plain, self._config, self.skipped_steps)
 
 
@@ -449,8 +450,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
       ``opt.skipped_steps``, one warning per 100 skips. Off by default: it costs one pass
       over the gradients and a host sync per step (no communication: ḡ and s are reduced).
 
-    Returns an optimizer of the same class with ``synchronize()``, ``skip_synchronize()``
-    and, with GSNR, ``gsnr_diagnostics()``.
+    Returns, without GSNR, Horovod's wrapper: an optimizer of a subclass of
+    ``type(optimizer)``; with GSNR, a ``DistributedGSNR`` (a ``GSNR``, holding the same
+    wrapped optimizer as ``.optimizer``). Both have ``synchronize()`` and
+    ``skip_synchronize()``; with GSNR also ``gsnr_diagnostics()`` and ``set_grad_sq``.
     """
     if hvd is None:
         raise ImportError(f"hvd_lb.torch.DistributedOptimizer needs horovod.torch: {_HVD_ERROR}")

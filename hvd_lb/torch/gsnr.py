@@ -64,9 +64,14 @@ def unhooked_step(opt: torch.optim.Optimizer, cls: Optional[type] = None):
     return fn.__get__(opt, cls)
 
 
+def _gsnr_slot_dtype(p: torch.Tensor) -> torch.dtype:
+    """p_t's dtype: float32 or wider (bf16/fp16 parameters keep p_t in float32)."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
 def _gsnr_slot(p: torch.Tensor) -> torch.Tensor:
-    """p_0 = 0 in float32 or wider (bf16/fp16 parameters keep p_t in float32)."""
-    return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+    """p_0 = 0."""
+    return torch.zeros_like(p, dtype=_gsnr_slot_dtype(p))
 
 
 class GSNR(torch.optim.Optimizer):
@@ -282,7 +287,8 @@ class GSNR(torch.optim.Optimizer):
             if rules.GSNR_SLOT in st and st[rules.GSNR_SLOT] is not avg:
                 st[rules.GSNR_SLOT].copy_(avg)
             else:
-                st[rules.GSNR_SLOT] = avg  # float32 or wider: the working dtype
+                # The dtype of eagerly built slots, whatever the working dtype: resumes stay exact.
+                st[rules.GSNR_SLOT] = avg.to(_gsnr_slot_dtype(p))
             st["gsnr_step"] = t
         self._gsnr_diag = tuple(diag)
 
