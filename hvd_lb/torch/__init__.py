@@ -11,12 +11,13 @@ under torchrun/``DistributedDataParallel``, without Horovod.
 from .optimizers import OPTIMIZERS, KERNELS, LargeBatchOptimizer, create, register
 from .gsnr import GSNR, GSNRTransform
 from .lr_scheduler import WarmupDecayLR, scaled_lr, tvlars_delay_steps
-from .distributed import DistributedOptimizer
+from .distributed import DistributedOptimizer, broadcast_optimizer_state
 from . import ddp
 from ..passthrough import horovod_superset
 
 _OWN = ["OPTIMIZERS", "KERNELS", "LargeBatchOptimizer", "create", "register", "GSNR", "GSNRTransform",
-        "WarmupDecayLR", "scaled_lr", "tvlars_delay_steps", "DistributedOptimizer", "ddp"]
+        "WarmupDecayLR", "scaled_lr", "tvlars_delay_steps", "DistributedOptimizer",
+        "broadcast_optimizer_state", "ddp"]
 
 
 __getattr__, __dir__ = horovod_superset(globals(), "horovod.torch", OPTIMIZERS)

@@ -217,6 +217,15 @@ class _DistributedGSNR(GSNR):
                 "gradient samples, so the GSNR statistics would be stale (call backward() "
                 f"{self.micro_batches} time(s) per step)")
         self._backward_seen = False
+        passes = {self.micro_batches - self._delay[p] for p in self._requires_update - set(self._handles)}
+        short = sorted(n for n in passes if 0 < n < self.micro_batches)
+        if short:
+            # k = W·M would count samples that were never taken (SPEC §2: never a silent k).
+            raise RuntimeError(
+                f"optimizer.step() after {short[0]} backward pass(es), expected micro_batches="
+                f"{self.micro_batches}: the statistics would count {self.micro_batches} samples per worker. "
+                "Run micro_batches backward passes per step (split a short last batch into "
+                f"{self.micro_batches} chunks, or drop it)")
         alone = self.process_set.size() == 1
         for p in self._requires_update - set(self._handles):
             # One process: a parameter no backward reached keeps grad None and is not stepped,
@@ -525,6 +534,33 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
                             square_dtype, float(gradient_predivide_factor), skip_nonfinite, config)
 
 
+def broadcast_optimizer_state(optimizer, root_rank, model=None):
+    """``hvd.broadcast_optimizer_state``, without moving any parameter.
+
+    Horovod builds missing state with one step on zero gradients, taken on every rank whose
+    state is empty. Weight decay (``AdamW``, SGD's ``weight_decay``) then moves the parameters
+    of those ranks after ``hvd.broadcast_parameters``: a rank-0-only resume ends with ranks
+    apart. Here every parameter and gradient is put back after that step, and state that the
+    root did not have either (a fresh start) is removed again, so the first real step builds
+    it as a run without the broadcast does. Same arguments as Horovod's.
+    """
+    if hvd is None:
+        raise ImportError(f"hvd_lb.torch.broadcast_optimizer_state needs horovod.torch: {_HVD_ERROR}")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    kept = [(p, p.detach().clone(), p.grad) for p in params]
+    had = {p for p in params if optimizer.state.get(p)}
+    root_had_state = hvd.broadcast_object(bool(had), root_rank, name="hvd_lb.optimizer_state_exists")
+    hvd.broadcast_optimizer_state(optimizer, root_rank, model=model)
+    with torch.no_grad():
+        for p, w, g in kept:
+            p.copy_(w)
+            p.grad = g
+    if not root_had_state:
+        for p in params:
+            if p not in had:
+                optimizer.state.pop(p, None)
+
+
 def _micro_batches(backward_passes_per_step, micro_batches) -> int:
     """Horovod's ``backward_passes_per_step`` and hvd_lb's ``micro_batches`` are one argument."""
     if backward_passes_per_step is not None and micro_batches is not None \
@@ -535,4 +571,4 @@ def _micro_batches(backward_passes_per_step, micro_batches) -> int:
     return rules.check_micro_batches(1 if value is None else value)
 
 
-__all__ = ["DistributedOptimizer"]
+__all__ = ["DistributedOptimizer", "broadcast_optimizer_state"]

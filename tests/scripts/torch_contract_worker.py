@@ -5,6 +5,7 @@
 Gradients are seeded per (step, worker, micro-batch) as in torch_dist_worker.py, so the
 test rebuilds every sample for the float64 reference.
 """
+import copy
 import gc
 import json
 import os
@@ -173,6 +174,47 @@ def case_low_precision(lbt, rank, M):
     return out
 
 
+def case_resume(lbt, rank, M, hvd=None):
+    """Rank 0 resumes from a checkpoint, the others start fresh; parameters and optimizer state
+    are broadcast; the run continues. Max |Δw| against the uninterrupted run, per broadcast."""
+    import horovod.torch as hvd
+    out = {}
+    makes = {"AdamW": lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+             "GSNR(AdamW)": lambda ps: lbt.GSNR(torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1))}
+    for name, make in makes.items():
+        def wrap(ps):
+            return lbt.DistributedOptimizer(make(ps), named_parameters=[(f"p{i}", p) for i, p in enumerate(ps)],
+                                            micro_batches=M)
+        full = leaves()
+        run(wrap(full), full, M, rank, steps=6)
+        for how, bcast in (("hvd_lb", lbt.broadcast_optimizer_state), ("horovod", hvd.broadcast_optimizer_state)):
+            part = leaves()
+            opt = wrap(part)
+            run(opt, part, M, rank, steps=3)
+            saved = ([p.detach().clone() for p in part], copy.deepcopy(opt.state_dict()))
+            resumed = leaves(seed=1 + rank)  # other ranks: different weights, no state
+            opt = wrap(resumed)
+            if rank == 0:
+                with torch.no_grad():
+                    for p, w in zip(resumed, saved[0]):
+                        p.copy_(w)
+                opt.load_state_dict(saved[1])
+            hvd.broadcast_parameters([(f"p{i}", p) for i, p in enumerate(resumed)], root_rank=0)
+            bcast(opt, root_rank=0)
+            for step in range(4, 7):
+                for m in range(M):
+                    backward(resumed, micro_grads(step, rank, m, M))
+                opt.step()
+                opt.zero_grad()
+            out[f"{name}/resume/{how}"] = max(float((a - b).abs().max()) for a, b in zip(full, resumed))
+        fresh = leaves()
+        opt = wrap(fresh)
+        lbt.broadcast_optimizer_state(opt, root_rank=0)
+        run(opt, fresh, M, rank, steps=6)
+        out[f"{name}/fresh"] = max(float((a - b).abs().max()) for a, b in zip(full, fresh))
+    return out
+
+
 def main():
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
@@ -182,7 +224,7 @@ def main():
     rank, M = hvd.rank(), 4 // hvd.size()
     result = {"size": hvd.size(), "M": M}
     for case in (case_hooks, case_closure, case_unused_param, case_second_wrapper, case_compile,
-                 case_low_precision):
+                 case_low_precision, case_resume):
         try:
             result[case.__name__[5:]] = case(lbt, rank, M)
         except Exception as e:  # recorded, so that one failing case names itself
