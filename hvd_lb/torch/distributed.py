@@ -14,6 +14,7 @@ with the gradient all-reduce, averaged locally in float32.
 """
 from __future__ import annotations
 
+import json
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -495,6 +496,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
                   square_dtype=square_dtype, skip_nonfinite=skip_nonfinite)
 
     if not isinstance(optimizer, GSNR):
+        names_now = {p: n for n, p in named_parameters} if named_parameters is not None else names or {}
+        check_agreement(_settings(optimizer, names_now, config, square_dtype), process_set)
         # Exactly Horovod's wrapper: one all-reduce per gradient.
         wrapped = hvd.DistributedOptimizer(
             optimizer, named_parameters=named_parameters, compression=_WireDtypes(compression),
@@ -530,6 +533,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         square_dtype = rules.square_wire_dtype(square_dtype, process_set.size())
     if named_parameters is None and names:
         named_parameters = [(n, p) for p, n in names.items()]
+    check_agreement(_settings(optimizer, {p: n for n, p in named_parameters or ()}, config, square_dtype),
+                    process_set)
     return _DistributedGSNR(optimizer, named_parameters, compression, micro_batches, op, process_set,
                             square_dtype, float(gradient_predivide_factor), skip_nonfinite, config)
 
@@ -559,6 +564,66 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
         for p in params:
             if p not in had:
                 optimizer.state.pop(p, None)
+
+
+def _settings(optimizer, names, config, square_dtype) -> dict:
+    """What every rank must agree on: hvd_lb's settings and the tensors it reduces, in order."""
+    inner = optimizer.optimizer if isinstance(optimizer, GSNR) else optimizer
+    groups = optimizer.param_groups
+    out = {
+        "GSNR": isinstance(optimizer, GSNR),
+        "optimizer": f"{type(inner).__name__} ({getattr(inner, 'rule_name', '') or type(inner).__module__})",
+        "micro_batches": config["micro_batches"], "square_dtype": square_dtype,
+        "skip_nonfinite": config["skip_nonfinite"], "op": rules.HOROVOD_OPS.get(config["op"], str(config["op"])),
+        "gradient_predivide_factor": float(config["gradient_predivide_factor"]),
+        "tensors (name, shape, dtype, requires_grad)": [
+            [names.get(p, f"param_groups.{i}.{j}"), list(p.shape), str(p.dtype).replace("torch.", ""), p.requires_grad]
+            for i, g in enumerate(groups) for j, p in enumerate(g["params"])],
+    }
+    if out["GSNR"]:
+        out["GSNR gamma, momentum, exclude per group"] = [
+            [g["gamma"], g["gsnr_momentum"], list(g["gsnr_exclude"])] for g in groups]
+    return out
+
+
+def _allgather_json(obj, name, process_set) -> list:
+    """``obj`` (JSON) of every rank of ``process_set``, in rank order (Horovod 0.28's
+    ``allgather_object`` takes no process set)."""
+    data = torch.tensor(list(json.dumps(obj, sort_keys=True).encode()), dtype=torch.uint8)
+    sizes = hvd.allgather(torch.tensor([data.numel()]), name=name + ".n", process_set=process_set).tolist()
+    padded = torch.zeros(1, max(sizes), dtype=torch.uint8)
+    padded[0, :data.numel()] = data
+    rows = hvd.allgather(padded, name=name, process_set=process_set)
+    return [json.loads(bytes(rows[i, :n].tolist()).decode()) for i, n in enumerate(sizes)]
+
+
+def check_agreement(settings: dict, process_set, what: str = "DistributedOptimizer") -> None:
+    """Raise the same ``ValueError`` on every rank when ranks differ in ``settings``.
+
+    One small all-gather when the wrapper is built, before any gradient is reduced: ranks that
+    disagree about what hvd_lb reduces would otherwise enqueue different collectives and hang.
+    """
+    if not process_set.included() or process_set.size() < 2:
+        return
+    every = _allgather_json(settings, "hvd_lb.agreement", process_set)
+    ranks = process_set.ranks if getattr(process_set, "ranks", None) else list(range(len(every)))
+    differ = []
+    for key in sorted(set().union(*every)):  # the same order on every rank
+        values = [r.get(key) for r in every]
+        if all(v == values[0] for v in values):
+            continue
+        if key.startswith("tensors"):
+            lengths = {len(v) for v in values}
+            i = next((i for i in range(min(lengths)) if len({json.dumps(v[i]) for v in values}) > 1), min(lengths))
+            shown = [v[i] if i < len(v) else f"(only {len(v)} tensors)" for v in values]
+            detail = f"tensor {i}: " + "; ".join(f"rank {r}: {x}" for r, x in zip(ranks, shown))
+        else:
+            detail = "; ".join(f"rank {r}: {v}" for r, v in zip(ranks, values))
+        differ.append(f"{key} ({detail})")
+    if differ:
+        raise ValueError(f"hvd_lb: the ranks disagree about the {what}'s {', '.join(differ)}: every rank "
+                         "must build the same optimizer over the same parameters (same names, shapes, "
+                         "dtypes, frozen parameters)")
 
 
 def _micro_batches(backward_passes_per_step, micro_batches) -> int:
