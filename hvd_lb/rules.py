@@ -347,6 +347,32 @@ def square_wire_dtype(square_dtype: Optional[str], workers: int) -> Optional[str
     return "float32"
 
 
+def disagreement(every, ranks, what: str) -> Optional[str]:
+    """The error for settings that differ between ranks (None if they agree), the same text on
+    every rank: ``every`` holds each rank's settings dict (JSON values), in rank order.
+
+    Both backends gather their DistributedOptimizer's settings once before reducing anything:
+    ranks that disagree about what is reduced would otherwise enqueue different collectives.
+    """
+    differ = []
+    for key in sorted(set().union(*every)):  # the same order on every rank
+        values = [r.get(key) for r in every]
+        if all(v == values[0] for v in values):
+            continue
+        if key.startswith(("tensors", "variables")):
+            lengths = [len(v or ()) for v in values]
+            i = next((i for i in range(min(lengths)) if any(v[i] != values[0][i] for v in values)), min(lengths))
+            shown = [v[i] if i < n else f"(only {n})" for v, n in zip(values, lengths)]
+            detail = f"#{i}: " + "; ".join(f"rank {r}: {x}" for r, x in zip(ranks, shown))
+        else:
+            detail = "; ".join(f"rank {r}: {v}" for r, v in zip(ranks, values))
+        differ.append(f"{key} ({detail})")
+    if not differ:
+        return None
+    return (f"hvd_lb: the ranks disagree about the {what}'s {', '.join(differ)}: every rank must build the "
+            "same optimizer over the same parameters (same names, shapes, dtypes, frozen parameters)")
+
+
 # The VRGD paper's experiments use k ≥ 8 samples; below, r is dominated by a few elements.
 SMALL_K = 8
 
@@ -380,5 +406,5 @@ def check_samples(workers: int, micro_batches: int) -> int:
 __all__ = [
     "Hyper", "Rule", "RULES", "NAMES", "BASE_NAMES", "GSNR_HYPERS", "GSNR_SLOT", "register", "get_rule",
     "validate", "check_gsnr", "check_gsnr_op", "HOROVOD_OPS", "check_square_dtype", "square_wire_dtype", "SQUARE_DTYPES",
-    "to_keras", "from_keras", "check_samples", "check_micro_batches", "KERAS_NAMES",
+    "to_keras", "from_keras", "check_samples", "check_micro_batches", "KERAS_NAMES", "disagreement",
 ]

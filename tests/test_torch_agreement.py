@@ -7,7 +7,7 @@ from tests.hvdrun import ROOT, read_rank_json, run_horovod
 WORKER = ROOT / "tests" / "scripts" / "torch_agreement_worker.py"
 EXPECT = {"gsnr_on_one_rank": "GSNR (rank 0: True; rank 1: False)",
           "rule": "optimizer (rank 0: LARS (lars); rank 1: LAMB (lamb))",
-          "name_prefix": "rank 1: ['module.0.weight'",
+          "name_prefix": "#0: rank 0: ['0.weight', [3, 4], 'float32', True]; rank 1: ['module.0.weight'",
           "frozen": "rank 1: ['1.bias', [2], 'float32', False]",
           "micro_batches": "micro_batches (rank 0: 2; rank 1: 4)",
           "square_dtype": "square_dtype (rank 0: None; rank 1: float64)"}

@@ -16,6 +16,7 @@ never from variable or op names (which differ between a loaded and a fresh model
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import zlib
 
@@ -333,6 +334,38 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self._skipped = self.add_variable((), dtype="int64", name="skipped_steps")
         self.inner_optimizer.build(var_list)
         super().build(var_list)
+        self._check_agreement(var_list)
+
+    def _check_agreement(self, var_list):
+        """The same ``ValueError`` on every rank when ranks build different wrappers (GSNR on one
+        rank only, another rule, micro_batches, a frozen or renamed variable, ...): one small
+        all-gather when the optimizer is built, before any gradient is reduced (SPEC §7)."""
+        ps = _process_set(self.process_set)
+        if not ps.included() or ps.size() < 2:
+            return
+        inner = self.inner_optimizer
+        settings = {
+            "GSNR": self.needs_squares,
+            "optimizer": f"{type(inner).__name__} ({getattr(inner, 'rule_name', '') or type(inner).__module__})",
+            "micro_batches": self.micro_batches, "square_dtype": self.square_dtype,
+            "skip_nonfinite": self.skip_nonfinite, "op": rules.HOROVOD_OPS.get(self.op, str(self.op)),
+            "gradient_predivide_factor": float(self.gradient_predivide_factor),
+            "average_aggregated_gradients": self.average_aggregated_gradients,
+            # Not the paths: Keras numbers layers per process, and the collectives are named by shape.
+            "variables (shape, dtype, trainable)": [
+                [list(v.shape), tf.as_dtype(v.dtype).name, bool(v.trainable)] for v in var_list],
+        }
+        with tf.init_scope():  # eager even when Keras builds inside a traced step
+            data = tf.constant(list(json.dumps(settings, sort_keys=True).encode()), tf.uint8)
+            hvd = _hvd()
+            sizes = hvd.allgather(tf.reshape(tf.size(data), [1]), process_set=ps,
+                                  name="hvd_lb_agreement_n").numpy().tolist()
+            padded = tf.reshape(tf.pad(data, [[0, max(sizes) - len(data)]]), [1, -1])
+            rows = hvd.allgather(padded, process_set=ps, name="hvd_lb_agreement").numpy()
+        every = [json.loads(bytes(rows[i, :n]).decode()) for i, n in enumerate(sizes)]
+        error = rules.disagreement(every, ps.ranks or list(range(len(every))), "DistributedOptimizer")
+        if error:
+            raise ValueError(error)
 
     @property
     def skipped_steps(self) -> int:

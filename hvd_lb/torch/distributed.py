@@ -597,7 +597,7 @@ def _allgather_json(obj, name, process_set) -> list:
     return [json.loads(bytes(rows[i, :n].tolist()).decode()) for i, n in enumerate(sizes)]
 
 
-def check_agreement(settings: dict, process_set, what: str = "DistributedOptimizer") -> None:
+def check_agreement(settings: dict, process_set) -> None:
     """Raise the same ``ValueError`` on every rank when ranks differ in ``settings``.
 
     One small all-gather when the wrapper is built, before any gradient is reduced: ranks that
@@ -606,24 +606,9 @@ def check_agreement(settings: dict, process_set, what: str = "DistributedOptimiz
     if not process_set.included() or process_set.size() < 2:
         return
     every = _allgather_json(settings, "hvd_lb.agreement", process_set)
-    ranks = process_set.ranks if getattr(process_set, "ranks", None) else list(range(len(every)))
-    differ = []
-    for key in sorted(set().union(*every)):  # the same order on every rank
-        values = [r.get(key) for r in every]
-        if all(v == values[0] for v in values):
-            continue
-        if key.startswith("tensors"):
-            lengths = {len(v) for v in values}
-            i = next((i for i in range(min(lengths)) if len({json.dumps(v[i]) for v in values}) > 1), min(lengths))
-            shown = [v[i] if i < len(v) else f"(only {len(v)} tensors)" for v in values]
-            detail = f"tensor {i}: " + "; ".join(f"rank {r}: {x}" for r, x in zip(ranks, shown))
-        else:
-            detail = "; ".join(f"rank {r}: {v}" for r, v in zip(ranks, values))
-        differ.append(f"{key} ({detail})")
-    if differ:
-        raise ValueError(f"hvd_lb: the ranks disagree about the {what}'s {', '.join(differ)}: every rank "
-                         "must build the same optimizer over the same parameters (same names, shapes, "
-                         "dtypes, frozen parameters)")
+    error = rules.disagreement(every, process_set.ranks or list(range(len(every))), "DistributedOptimizer")
+    if error:
+        raise ValueError(error)
 
 
 def _micro_batches(backward_passes_per_step, micro_batches) -> int:
