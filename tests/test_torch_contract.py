@@ -107,3 +107,11 @@ def test_rank0_only_resume_is_bitwise_the_uninterrupted_run(ranks):
         if len(res) > 1:  # the defect hvd_lb's version removes, on the ranks that had no state
             assert max(r[f"{name}/resume/horovod"] for r in res) > 0.0, name
 
+
+def test_elastic_sync_builds_state_without_counting_a_step(ranks):
+    """Issue 18 item 6: after hvd.elastic's sync (every (re)start) the first real step is the
+    transform's step 1 and nothing moved; Horovod's TorchState counts its zero-gradient step."""
+    for r in _case(ranks, "elastic_sync"):
+        assert r["hvd_lb"] == {"max_diff": 0.0, "gsnr_step": 2}
+        assert r["horovod"]["gsnr_step"] == 3
+

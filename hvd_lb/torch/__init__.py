@@ -13,6 +13,11 @@ from .gsnr import GSNR, GSNRTransform
 from .lr_scheduler import WarmupDecayLR, scaled_lr, tvlars_delay_steps
 from .distributed import DistributedOptimizer, broadcast_optimizer_state
 from . import ddp
+
+try:
+    from . import elastic
+except ImportError:  # without Horovod: hvd_lb.torch.ddp and the optimizers still work
+    pass
 from ..passthrough import horovod_superset
 
 _OWN = ["OPTIMIZERS", "KERNELS", "LargeBatchOptimizer", "create", "register", "GSNR", "GSNRTransform",

@@ -215,6 +215,26 @@ def case_resume(lbt, rank, M, hvd=None):
     return out
 
 
+def case_elastic_sync(lbt, rank, M):
+    """``hvd.elastic.TorchState.sync()`` (run at every elastic (re)start) on a fresh GSNR(AdamW):
+    no parameter moves and the transform's step count is not advanced."""
+    out = {}
+    for how, state_cls in (("hvd_lb", lbt.elastic.TorchState), ("horovod", __import__(
+            "horovod.torch.elastic", fromlist=["TorchState"]).TorchState)):
+        a, b = leaves(), leaves()
+        opts = []
+        for ps in (a, b):
+            opts.append(lbt.DistributedOptimizer(lbt.GSNR(torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1)),
+                                                 named_parameters=[(f"p{i}", p) for i, p in enumerate(ps)],
+                                                 micro_batches=M))
+        state_cls(optimizer=opts[1], step=0).sync()
+        run(opts[0], a, M, rank, steps=2)
+        run(opts[1], b, M, rank, steps=2)
+        out[how] = {"max_diff": max(float((x - y).abs().max()) for x, y in zip(a, b)),
+                    "gsnr_step": max(opts[1].state[p]["gsnr_step"] for p in b)}
+    return out
+
+
 def main():
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
@@ -224,7 +244,7 @@ def main():
     rank, M = hvd.rank(), 4 // hvd.size()
     result = {"size": hvd.size(), "M": M}
     for case in (case_hooks, case_closure, case_unused_param, case_second_wrapper, case_compile,
-                 case_low_precision, case_resume):
+                 case_low_precision, case_resume, case_elastic_sync):
         try:
             result[case.__name__[5:]] = case(lbt, rank, M)
         except Exception as e:  # recorded, so that one failing case names itself
