@@ -16,10 +16,13 @@ def test_module_gives_what_horovod_torch_gives():
     missing = [n for n in public if not hasattr(hvd, n)]
     assert not missing
     assert set(public) <= set(dir(hvd))
-    for name in ("init", "broadcast_optimizer_state", "allreduce_async_", "Adasum", "elastic", "join",
-                 "ProcessSet", "Compression"):
+    for name in ("init", "allreduce_async_", "Adasum", "join", "ProcessSet", "Compression"):
         assert getattr(hvd, name) is getattr(hvd_torch, name)
+    # hvd_lb's own, supersets of Horovod's (same arguments)
     assert hvd.DistributedOptimizer is not hvd_torch.DistributedOptimizer
+    assert hvd.broadcast_optimizer_state is not hvd_torch.broadcast_optimizer_state
+    assert hvd.elastic.TorchState is not hvd_torch.elastic.TorchState
+    assert hvd.elastic.run is hvd_torch.elastic.run and hvd.elastic.ElasticSampler is hvd_torch.elastic.ElasticSampler
     assert hvd.GSNR is not None and hvd.VRLAMB.__name__ == "VRLAMB"
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import sys
 import zlib
 
@@ -341,7 +342,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         rank only, another rule, micro_batches, a frozen or renamed variable, ...): one small
         all-gather when the optimizer is built, before any gradient is reduced (SPEC §7)."""
         ps = _process_set(self.process_set)
-        if not ps.included() or ps.size() < 2:
+        if not ps.included() or ps.size() < 2 or os.environ.get("HOROVOD_ELASTIC") == "1":
+            # Elastic: a worker added later builds alone; a collective here would wait for ranks
+            # that never join it.
             return
         inner = self.inner_optimizer
         settings = {

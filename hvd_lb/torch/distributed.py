@@ -15,6 +15,7 @@ with the gradient all-reduce, averaged locally in float32.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 import weakref
 from contextlib import contextmanager
@@ -497,7 +498,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
 
     if not isinstance(optimizer, GSNR):
         names_now = {p: n for n, p in named_parameters} if named_parameters is not None else names or {}
-        check_agreement(_settings(optimizer, names_now, config, square_dtype), process_set)
+        settings = _agree(_settings(optimizer, names_now, config, square_dtype), process_set)
         # Exactly Horovod's wrapper: one all-reduce per gradient.
         wrapped = hvd.DistributedOptimizer(
             optimizer, named_parameters=named_parameters, compression=_WireDtypes(compression),
@@ -509,6 +510,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         elif names:
             wrapped._param_names = names
         wrapped.skip_nonfinite, wrapped.skipped_steps = skip_nonfinite, 0
+        wrapped._agreement = (settings, process_set)
         # Horovod rebuilds the optimizer from its param groups alone: keep the constructor's
         # values for groups added later, and the state it had (a loaded checkpoint, a copy).
         wrapped.defaults = optimizer.defaults
@@ -533,10 +535,12 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
         square_dtype = rules.square_wire_dtype(square_dtype, process_set.size())
     if named_parameters is None and names:
         named_parameters = [(n, p) for p, n in names.items()]
-    check_agreement(_settings(optimizer, {p: n for n, p in named_parameters or ()}, config, square_dtype),
-                    process_set)
-    return _DistributedGSNR(optimizer, named_parameters, compression, micro_batches, op, process_set,
+    settings = _agree(_settings(optimizer, {p: n for n, p in named_parameters or ()}, config, square_dtype),
+                      process_set)
+    wrapped = _DistributedGSNR(optimizer, named_parameters, compression, micro_batches, op, process_set,
                             square_dtype, float(gradient_predivide_factor), skip_nonfinite, config)
+    wrapped._agreement = (settings, process_set)
+    return wrapped
 
 
 def broadcast_optimizer_state(optimizer, root_rank, model=None):
@@ -595,6 +599,15 @@ def _allgather_json(obj, name, process_set) -> list:
     padded[0, :data.numel()] = data
     rows = hvd.allgather(padded, name=name, process_set=process_set)
     return [json.loads(bytes(rows[i, :n].tolist()).decode()) for i, n in enumerate(sizes)]
+
+
+def _agree(settings: dict, process_set) -> dict:
+    """``check_agreement`` now, or under elastic Horovod at every sync of
+    ``hvd_lb.torch.elastic.TorchState`` (a worker added later builds its wrapper alone: a
+    collective there would wait for ranks that never join it)."""
+    if os.environ.get("HOROVOD_ELASTIC") != "1":
+        check_agreement(settings, process_set)
+    return settings
 
 
 def check_agreement(settings: dict, process_set) -> None:

@@ -4,16 +4,23 @@
 Horovod's ``TorchState`` syncs with Horovod's ``broadcast_optimizer_state``, whose zero-gradient
 step builds missing state by stepping: AdamW's decay moves the parameters of the ranks that
 take it, and the GSNR transform's step count is 1 before the first real step. hvd_lb's builds
-the same state without either. Everything else is Horovod's.
+the same state without either, and checks first that the ranks built the same
+DistributedOptimizer (what a non-elastic job checks when it is built). Everything else is
+Horovod's.
 """
 from horovod.torch.elastic import *  # noqa: F401,F403 - the rest of Horovod's module, unchanged
 from horovod.torch.elastic import state as _state
 
-from .distributed import broadcast_optimizer_state
+from .distributed import broadcast_optimizer_state, check_agreement
 
 
 class _OptimizerStateHandler(_state.OptimizerStateHandler):
     def sync(self):
+        # Every rank, old and new, syncs after each reset: the point where a DistributedOptimizer
+        # built under elastic Horovod checks that the ranks agree (see distributed._agree).
+        agreement = getattr(self.value, "_agreement", None)
+        if agreement is not None:
+            check_agreement(*agreement)
         broadcast_optimizer_state(self.value, root_rank=0)
 
 
