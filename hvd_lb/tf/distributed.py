@@ -335,12 +335,15 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self._skipped = self.add_variable((), dtype="int64", name="skipped_steps")
         self.inner_optimizer.build(var_list)
         super().build(var_list)
-        self._check_agreement(var_list)
 
     def _check_agreement(self, var_list):
-        """The same ``ValueError`` on every rank when ranks build different wrappers (GSNR on one
-        rank only, another rule, micro_batches, a frozen or renamed variable, ...): one small
-        all-gather when the optimizer is built, before any gradient is reduced (SPEC §7)."""
+        """The same ``ValueError`` on every rank when ranks built different wrappers (GSNR on one
+        rank only, another rule, micro_batches, a frozen variable, ...): one small all-gather at
+        the first ``apply``, before any gradient is reduced (SPEC §7). Not in ``build``: a rank
+        that restores a saved model builds its optimizer while loading, the others later."""
+        if getattr(self, "_agreed", False):
+            return
+        self._agreed = True
         ps = _process_set(self.process_set)
         if not ps.included() or ps.size() < 2 or os.environ.get("HOROVOD_ELASTIC") == "1":
             # Elastic: a worker added later builds alone; a collective here would wait for ranks
@@ -387,6 +390,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
             self.built = True
         tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
+        self._check_agreement(tvs)
         grads = list(grads)
         if self.needs_squares:  # (every gradient goes dense; for GSNR with one warning, as on torch)
             for i, g in enumerate(grads):
