@@ -175,6 +175,12 @@ def parse_config(args) -> Dict:
     if batch % k:
         raise ValueError(f"invalid --batch-size {batch}: must be divisible by workers × "
                          f"micro-batches = {workers} × {micro} = {k}")
+    for row in rows:
+        center = center_lr(row["optimizer"], batch)
+        if not (math.isfinite(center * grid[-1]) and center * grid[0] > 0):
+            raise ValueError(f"invalid --lr-grid {pick(args.lr_grid, 'lr_grid')!r}: {row['row']}'s rates "
+                             f"{center:g} × [{grid[0]:g}, {grid[-1]:g}] = [{center * grid[0]:g}, "
+                             f"{center * grid[-1]:g}] must be finite and positive")
     notes = []  # printed once the options are all valid
     if any(rules.get_rule(r["optimizer"]).gsnr for r in rows):
         if k < 2:
@@ -211,11 +217,6 @@ def parse_config(args) -> Dict:
                          "warmup_epochs": 0.0})
     for row in rows:
         row["center_lr"] = center_lr(row["optimizer"], batch)
-        top, bottom = row["center_lr"] * grid[-1], row["center_lr"] * grid[0]
-        if not (math.isfinite(top) and bottom > 0):
-            raise ValueError(f"invalid --lr-grid {pick(args.lr_grid, 'lr_grid')!r}: {row['row']}'s rates "
-                             f"{row['center_lr']:g} × [{grid[0]:g}, {grid[-1]:g}] = [{bottom:g}, {top:g}] "
-                             "must be finite and positive")
         row["rule_lr"] = center_lr(rules.get_rule(row["optimizer"]).base, batch)  # without the VR factor
         row["lr_rule"] = LR_RULES[rules.get_rule(row["optimizer"]).base][1]
         row["warmup_epochs"] = warmup if row["warmup"] else 0.0
