@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from typing import List, Optional, Tuple
+from typing import Optional
 
 
 def _range(low, high, low_open: bool = False) -> str:
-    return f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+    text = lambda v: str(v) if isinstance(v, int) else f"{v:g}"  # noqa: E731
+    return f"{'(' if low_open else '['}{text(low)}, {'inf)' if high is None else text(high) + ']'}"
 
 
 def integer(option: str, value, low: int = 1, high: Optional[int] = None) -> int:
@@ -27,22 +28,22 @@ def integer(option: str, value, low: int = 1, high: Optional[int] = None) -> int
     return v
 
 
-def number(option: str, value, low: float = 0.0, high: Optional[float] = None, low_open: bool = False) -> float:
-    """``value`` (a string or a number) as a finite float in [low, high] (``(low, …`` with ``low_open``)."""
+def number(option: str, value, low: float = 0.0, low_open: bool = False) -> float:
+    """``value`` (a string or a number) as a finite float ≥ low (> low with ``low_open``)."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         v = math.nan
-    if not (math.isfinite(v) and (v > low if low_open else v >= low) and (high is None or v <= high)):
-        raise ValueError(f"invalid {option} {value}: must be a finite number in {_range(low, high, low_open)}")
+    if not (math.isfinite(v) and (v > low if low_open else v >= low)):
+        raise ValueError(f"invalid {option} {value}: must be a finite number in {_range(low, None, low_open)}")
     return v
 
 
-def hosts(option: str, value: Optional[str], np_: int) -> List[Tuple[str, int]]:
-    """``host[:slots],...`` as (host, slots) pairs with at least ``np_`` slots in all (None: localhost:np_)."""
+def hosts(option: str, value: Optional[str], np_: int) -> None:
+    """``host[:slots],...`` (None: localhost:np_) with at least ``np_`` slots in all."""
     if value is None:
-        return [("localhost", np_)]
-    pairs = []
+        return
+    total = 0
     for entry in value.split(","):
         host, sep, slots = entry.strip().partition(":")
         try:
@@ -52,11 +53,9 @@ def hosts(option: str, value: Optional[str], np_: int) -> List[Tuple[str, int]]:
         if not host or n < 1:
             raise ValueError(f"invalid {option} {value}: each entry must be HOST or HOST:SLOTS, "
                              "SLOTS an integer in [1, inf)")
-        pairs.append((host, n))
-    total = sum(n for _, n in pairs)
+        total += n
     if total < np_:
         raise ValueError(f"invalid {option} {value}: {total} slot(s) for -np {np_}; give at least {np_}")
-    return pairs
 
 
 def writable_dir(option: str, path: str) -> str:
