@@ -366,11 +366,11 @@ def small_k_note(workers: int, micro_batches: int) -> Optional[str]:
             "worker's batch) or more workers")
 
 
-def check_samples(workers: int, micro_batches: int, *, warn: bool = True) -> int:
+def check_samples(workers: int, micro_batches: int) -> int:
     """k = workers × micro_batches for a VR rule; raise if there is no variance (k < 2).
 
-    With ``warn``, k < 8 warns once per process and k (``small_k_note``), however many
-    optimizers, steps and call sites check it.
+    k < 8 warns once per process and k (``small_k_note``), however many optimizers, steps
+    and call sites check it.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"invalid workers={workers!r}: must be an integer in [1, inf)")
@@ -382,7 +382,7 @@ def check_samples(workers: int, micro_batches: int, *, warn: bool = True) -> int
             f"the gradient variance, got k = {workers} × {micro_batches} = {k}: run with more "
             "Horovod workers (horovodrun -np 2 or more) or pass micro_batches=2 or more"
         )
-    if warn and k < SMALL_K and k not in _WARNED_K:
+    if k < SMALL_K and k not in _WARNED_K:
         _WARNED_K.add(k)
         warnings.warn(small_k_note(workers, micro_batches), stacklevel=2)
     return k

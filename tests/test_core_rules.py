@@ -128,11 +128,10 @@ def test_k_below_two_is_a_clear_error():
 
 
 def test_small_k_warns_once_per_process_and_k(recwarn):
-    """However many optimizers, steps and call sites check k (README: once); the demo's note does not warn."""
+    """However many optimizers, steps and call sites check k (README: once)."""
     for _ in range(3):
         for workers, micro in ((2, 1), (1, 2), (2, 2), (4, 2)):
             rules.check_samples(workers, micro)
-    rules.check_samples(2, 3, warn=False)
     weak = [str(w.message) for w in recwarn if "is weak" in str(w.message)]
     assert len(weak) == 2 and "k = 2 × 1 = 2" in weak[0] and "k = 2 × 2 = 4" in weak[1], weak
     assert rules.small_k_note(2, 3).startswith("hvd_lb: GSNR from k = 2 × 3 = 6") and rules.small_k_note(4, 2) is None
