@@ -375,13 +375,28 @@ def disagreement(every, ranks, what: str) -> Optional[str]:
 
 # The VRGD paper's experiments use k ≥ 8 samples; below, r is dominated by a few elements.
 SMALL_K = 8
+# The k < SMALL_K values check_samples has warned about in this process (tests clear it).
+_WARNED_K = set()
+
+
+def small_k_note(workers: int, micro_batches: int) -> Optional[str]:
+    """The k < 8 warning's text, or None for k ≥ 8 (SPEC §2 note: mean r ≈ 0.10 at k = 2,
+    ≈ 0.39 at k = 4, ≈ 0.49 at k = 8)."""
+    k = workers * micro_batches
+    if k >= SMALL_K:
+        return None
+    return (f"hvd_lb: GSNR from k = {workers} × {micro_batches} = {k} gradient samples is weak "
+            f"(the VRGD paper uses k ≥ {SMALL_K}; at k = 2 about 99 % of elements are clipped to γ "
+            "and the mean step is ~γ times the base rule's): raise k with micro_batches "
+            f"(DistributedOptimizer(..., micro_batches={-(-SMALL_K // workers)}), splitting each "
+            "worker's batch) or more workers")
 
 
 def check_samples(workers: int, micro_batches: int) -> int:
     """k = workers × micro_batches for a VR rule; raise if there is no variance (k < 2).
 
-    Warns when k < 8 (Python's default filter shows it once per k; SPEC §2 note: mean r ≈ 0.10 at k = 2,
-    ≈ 0.39 at k = 4, ≈ 0.49 at k = 8).
+    k < 8 warns once per process and k (``small_k_note``), however many optimizers, steps
+    and call sites check it.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"invalid workers={workers!r}: must be an integer in [1, inf)")
@@ -393,18 +408,15 @@ def check_samples(workers: int, micro_batches: int) -> int:
             f"the gradient variance, got k = {workers} × {micro_batches} = {k}: run with more "
             "Horovod workers (horovodrun -np 2 or more) or pass micro_batches=2 or more"
         )
-    if k < SMALL_K:
-        warnings.warn(
-            f"hvd_lb: GSNR from k = {workers} × {micro_batches} = {k} gradient samples is weak "
-            f"(the VRGD paper uses k ≥ {SMALL_K}; at k = 2 about 99 % of elements are clipped to γ "
-            "and the mean step is ~γ times the base rule's): raise k with micro_batches "
-            f"(DistributedOptimizer(..., micro_batches={-(-SMALL_K // workers)}), splitting each "
-            "worker's batch) or more workers", stacklevel=2)
+    if k < SMALL_K and k not in _WARNED_K:
+        _WARNED_K.add(k)
+        warnings.warn(small_k_note(workers, micro_batches), stacklevel=2)
     return k
 
 
 __all__ = [
     "Hyper", "Rule", "RULES", "NAMES", "BASE_NAMES", "GSNR_HYPERS", "GSNR_SLOT", "register", "get_rule",
     "validate", "check_gsnr", "check_gsnr_op", "HOROVOD_OPS", "check_square_dtype", "square_wire_dtype", "SQUARE_DTYPES",
-    "to_keras", "from_keras", "check_samples", "check_micro_batches", "KERAS_NAMES", "disagreement",
+    "to_keras", "from_keras", "check_samples", "small_k_note", "check_micro_batches", "KERAS_NAMES",
+    "disagreement",
 ]

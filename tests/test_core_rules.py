@@ -125,3 +125,20 @@ def test_k_below_two_is_a_clear_error():
     assert "k = 1 × 1 = 1" in msg and "micro_batches" in msg and "horovodrun -np" in msg
     with pytest.raises(ValueError, match="micro_batches=0"):
         rules.check_samples(2, 0)
+
+
+def test_small_k_warns_once_per_process_and_k(recwarn):
+    """However many optimizers, steps and call sites check k (README: once)."""
+    for _ in range(3):
+        for workers, micro in ((2, 1), (1, 2), (2, 2), (4, 2)):
+            rules.check_samples(workers, micro)
+    weak = [str(w.message) for w in recwarn if "is weak" in str(w.message)]
+    assert len(weak) == 2 and "k = 2 × 1 = 2" in weak[0] and "k = 2 × 2 = 4" in weak[1], weak
+    assert rules.small_k_note(2, 3).startswith("hvd_lb: GSNR from k = 2 × 3 = 6") and rules.small_k_note(4, 2) is None
+
+
+@pytest.mark.parametrize("run", [1, 2])
+def test_small_k_warning_is_fresh_in_every_test(run):
+    """tests/conftest.py clears what was warned, so test order does not matter."""
+    with pytest.warns(UserWarning, match="k = 2 × 1 = 2 gradient samples is weak"):
+        rules.check_samples(2, 1)

@@ -1,6 +1,7 @@
 """``hvd-lb``: the demo, a thin ``horovodrun`` wrapper, and an install doctor.
 
-Bad input ends with one ``hvd-lb: error: …`` line on stderr and exit code 2.
+Bad input ends with one ``hvd-lb: error: …`` line on stderr and exit code 2, before any
+process starts.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import sys
 from typing import List, Optional
 
-from . import demo
+from . import demo, options
 from .horovodrun import UsageError, build_run_command, horovodrun_path
 from .launchers import LAUNCHERS, build_launch_command
 
@@ -22,14 +23,19 @@ def cmd_run(args) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    np_ = options.integer("-np", args.np)
+    options.hosts("-H", args.hosts, np_)
+    threads = None if args.threads is None else options.integer("--threads", args.threads)
+    fusion_mb = options.integer("--fusion-threshold-mb", args.fusion_threshold_mb, low=0)
+    cycle_ms = options.number("--cycle-time-ms", args.cycle_time_ms, low_open=True)
     controller = "gloo" if args.gloo else "mpi" if args.mpi else None
     if args.launcher != "horovodrun":
         if controller:
             raise UsageError(f"invalid --{controller} with --launcher {args.launcher}: it is a horovodrun option")
-        cmd, env = build_launch_command(args.launcher, args.np, args.hosts, command, args.threads)
+        cmd, env = build_launch_command(args.launcher, np_, args.hosts, command, threads)
     else:
-        cmd, env, threads = build_run_command(args.np, args.hosts, controller, command, args.threads,
-                                              args.fusion_threshold_mb, args.cycle_time_ms, [])
+        cmd, env, threads = build_run_command(np_, args.hosts, controller, command, threads,
+                                              fusion_mb, cycle_ms, [])
     print(f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} " + shlex.join(cmd), flush=True)
     if args.dry_run:
         return 0
@@ -121,22 +127,33 @@ def cmd_doctor(args) -> int:
 
 # --- entry point -------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a mistake as one ``hvd-lb: error: …`` line (no usage block), exit code 2.
+
+    Subcommand parsers are of this class too (``add_subparsers`` uses the parent's).
+    """
+
+    def error(self, message):
+        self.exit(2, f"hvd-lb: error: {message}\n")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hvd-lb", description=__doc__.splitlines()[0])
+    """Options are parsed as text and checked by ``options`` (range messages) before anything runs."""
+    p = _Parser(prog="hvd-lb", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     demo.add_arguments(sub.add_parser("demo", help="large-batch Fashion-MNIST: base vs VR optimizers"))
     r = sub.add_parser("run", help="horovodrun (or mpirun, torchrun) with sensible defaults; prints the command")
     r.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun",
                    help="horovodrun (default), mpirun (Horovod without horovodrun, e.g. with mpi4py) "
                         "or torchrun (DDP with hvd_lb.torch.ddp, no Horovod)")
-    r.add_argument("-np", "--num-proc", dest="np", type=int, required=True)
+    r.add_argument("-np", "--num-proc", dest="np", required=True, help="number of workers, ≥ 1")
     r.add_argument("-H", "--hosts", default=None, help="host:slots,... (default localhost:NP)")
     g = r.add_mutually_exclusive_group()
     g.add_argument("--gloo", action="store_true")
     g.add_argument("--mpi", action="store_true")
-    r.add_argument("--threads", type=int, default=None, help="threads per worker (default cores / local workers)")
-    r.add_argument("--fusion-threshold-mb", type=float, default=64.0)
-    r.add_argument("--cycle-time-ms", type=float, default=1.0)
+    r.add_argument("--threads", default=None, help="threads per worker (default cores / local workers)")
+    r.add_argument("--fusion-threshold-mb", default=64, help="Horovod's tensor fusion buffer, MB (0: off)")
+    r.add_argument("--cycle-time-ms", default=1.0, help="Horovod's cycle time, ms (> 0)")
     r.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     r.add_argument("command", nargs=argparse.REMAINDER, help="-- python train.py ...")
     sub.add_parser("doctor", help="what is installed, what is missing, how to fix it")
@@ -144,8 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    args = make_parser().parse_args(argv)
     try:
         if args.cmd == "run":
             return cmd_run(args)

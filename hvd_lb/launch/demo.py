@@ -23,17 +23,19 @@ workers' output (Horovod, TensorFlow) in ``<out-dir>/horovodrun.log``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
-import warnings
 from typing import Dict, List
 
 from .. import rules
 from ..schedules import scaled_lr
+from . import options
 from .data import FASHION_MNIST_DIR, fashion_mnist_available, fashion_mnist_size
 from .horovodrun import UsageError, build_run_command
 
@@ -53,6 +55,8 @@ LR_RULES = {
 }
 # GSNR scaling shrinks the mean step about 2x at k >= 8 (docs/SPEC.md §2 note).
 VR_LR_FACTOR = 2.0
+# --seeds: NumPy's and Keras's seed range.
+MAX_SEED = 2 ** 32 - 1
 # Rules whose papers train without warm-up by design.
 NO_WARMUP_RULES = ("tvlars",)
 WARMUP_EPOCHS = 5.0  # Goyal et al. 2017 (capped at a quarter of the epochs)
@@ -81,26 +85,20 @@ def add_arguments(p):
     p.add_argument("--optimizers", default=None,
                    help="comma-separated large-batch rows, NAME or NAME:no-warmup / NAME:warmup "
                         f"(default: the preset's); NAME is any of: {', '.join(rules.NAMES)}")
-    p.add_argument("--batch-size", type=int, default=8192, help="large global batch (default 8192)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs for every row (default: the preset's)")
+    p.add_argument("--batch-size", default=8192, help="large global batch (default 8192)")
+    p.add_argument("--epochs", default=None, help="epochs for every row (default: the preset's)")
     p.add_argument("--lr-grid", default=None,
                    help="multipliers of each rule's scaled rate (default: the preset's; VR rules × 2)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's, 0,1)")
-    p.add_argument("--warmup-epochs", type=float, default=None,
+    p.add_argument("--warmup-epochs", default=None,
                    help=f"linear warm-up length (default {WARMUP_EPOCHS:g}, at most a quarter of --epochs)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--micro-batches", type=int, default=None, help="default: 8 / workers, so that k = 8")
+    p.add_argument("--workers", default=2, help="horovodrun -np (default 2)")
+    p.add_argument("--micro-batches", default=None, help="default: 8 / workers, so that k = 8")
     p.add_argument("--no-baseline", action="store_true", help="skip the batch-256 baseline")
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--out-dir", default="out/demo")
+    p.add_argument("--train-subset", default=None, help="use only the first N training images")
+    p.add_argument("--weight-decay", default=5e-4, help="λ of every row (default 5e-4)")
+    p.add_argument("--out-dir", default="out/demo", help="created if missing; must be writable")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
-
-
-def _positive_int(arg: str, v: int) -> int:
-    if v < 1:
-        raise ValueError(f"invalid {arg} {v}: must be an integer in [1, inf)")
-    return v
 
 
 def parse_rows(text: str) -> List[Dict]:
@@ -113,15 +111,21 @@ def parse_rows(text: str) -> List[Dict]:
         if suffix and suffix not in ROW_SUFFIXES:
             raise ValueError(f"invalid --optimizers entry {item!r}: the suffix must be one of "
                              f"{', '.join(':' + s for s in ROW_SUFFIXES)}")
-        name = rules.get_rule(name.strip()).name
-        warmup = (suffix == "warmup") if suffix else rules.get_rule(name).base not in NO_WARMUP_RULES
-        key = name + (":" + suffix if suffix else "")
+        try:
+            rule = rules.get_rule(name.strip())
+        except ValueError as e:
+            raise ValueError(f"invalid --optimizers {text!r}: {e}") from None
+        if rule.base not in LR_RULES:
+            raise ValueError(f"invalid --optimizers {text!r}: the demo has no batch-256 rate for {rule.name!r} "
+                             f"(it has them for {', '.join(LR_RULES)} and their vr- twins)")
+        warmup = (suffix == "warmup") if suffix else rule.base not in NO_WARMUP_RULES
+        key = rule.name + (":" + suffix if suffix else "")
         if key in seen:
-            raise ValueError(f"invalid --optimizers: {key!r} is listed twice")
+            raise ValueError(f"invalid --optimizers {text!r}: {key!r} is listed twice")
         seen.add(key)
-        rows.append({"row": key, "optimizer": name, "warmup": warmup})
+        rows.append({"row": key, "optimizer": rule.name, "warmup": warmup})
     if not rows:
-        raise ValueError("invalid --optimizers='': name at least one optimizer")
+        raise ValueError(f"invalid --optimizers {text!r}: name at least one optimizer")
     return rows
 
 
@@ -140,8 +144,8 @@ def parse_seeds(text: str) -> List[int]:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         seeds = []
-    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ValueError(f"invalid --seeds {text!r}: must be distinct non-negative integers, e.g. 0,1")
+    if not seeds or any(not 0 <= s <= MAX_SEED for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"invalid --seeds {text!r}: must be distinct integers in [0, {MAX_SEED}], e.g. 0,1")
     return seeds
 
 
@@ -160,37 +164,51 @@ def parse_config(args) -> Dict:
     preset = PRESETS[args.preset]
     pick = lambda v, key: preset[key] if v is None else v  # noqa: E731
     rows = parse_rows(pick(args.optimizers, "optimizers"))
-    epochs = _positive_int("--epochs", pick(args.epochs, "epochs"))
-    workers = _positive_int("--workers", args.workers)
-    batch = _positive_int("--batch-size", args.batch_size)
+    epochs = options.integer("--epochs", pick(args.epochs, "epochs"))
+    workers = options.integer("--workers", args.workers)
+    batch = options.integer("--batch-size", args.batch_size)
     seeds = parse_seeds(str(pick(args.seeds, "seeds")))
     grid = parse_floats("--lr-grid", pick(args.lr_grid, "lr_grid"))
-    micro = args.micro_batches if args.micro_batches is not None else max(1, 8 // workers)
-    _positive_int("--micro-batches", micro)
+    micro = options.integer("--micro-batches", max(1, 8 // workers) if args.micro_batches is None
+                            else args.micro_batches)
     k = workers * micro
     if batch % k:
         raise ValueError(f"invalid --batch-size {batch}: must be divisible by workers × "
                          f"micro-batches = {workers} × {micro} = {k}")
-    notes = []
+    for row in rows:
+        center = center_lr(row["optimizer"], batch)
+        if not (math.isfinite(center * grid[-1]) and center * grid[0] > 0):
+            raise ValueError(f"invalid --lr-grid {pick(args.lr_grid, 'lr_grid')!r}: {row['row']}'s rates "
+                             f"{center:g} × [{grid[0]:g}, {grid[-1]:g}] = [{center * grid[0]:g}, "
+                             f"{center * grid[-1]:g}] must be finite and positive")
+    notes = []  # printed once the options are all valid
     if any(rules.get_rule(r["optimizer"]).gsnr for r in rows):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            rules.check_samples(workers, micro)
-        notes = [str(w.message) for w in caught]  # printed once the options are all valid
+        if k < 2:
+            raise ValueError(f"invalid --micro-batches {micro} with --workers {workers}: VR rows need "
+                             f"k = workers × micro-batches ≥ 2 gradient samples, got k = {workers} × {micro} = {k}")
+        notes = [n for n in [rules.small_k_note(workers, micro)] if n]
     baseline = not args.no_baseline
     if baseline and BASE_BATCH % workers:
         raise ValueError(f"invalid --workers {workers}: the batch-{BASE_BATCH} baseline must split evenly "
                          "over the workers (or pass --no-baseline)")
-    warmup = min(WARMUP_EPOCHS, epochs / 4) if args.warmup_epochs is None else args.warmup_epochs
-    if not (0 <= warmup < epochs):
+    warmup = (min(WARMUP_EPOCHS, epochs / 4) if args.warmup_epochs is None
+              else options.number("--warmup-epochs", args.warmup_epochs))
+    if not warmup < epochs:
         raise ValueError(f"invalid --warmup-epochs {warmup:g}: must be in [0, --epochs={epochs})")
-    if args.weight_decay < 0:
-        raise ValueError(f"invalid --weight-decay {args.weight_decay}: must be in [0, inf)")
-    if args.train_subset is not None and args.train_subset < batch:
-        raise ValueError(f"invalid --train-subset {args.train_subset}: must be ≥ --batch-size {batch}")
+    weight_decay = options.number("--weight-decay", args.weight_decay)
+    if args.framework == "tf" and importlib.util.find_spec("tensorflow") is None:
+        raise ValueError("invalid --framework tf: TensorFlow is not installed (make install)")
+    if args.controller == "mpi" and shutil.which("mpirun") is None:
+        raise ValueError("invalid --controller mpi: mpirun not found (apt-get install openmpi-bin libopenmpi-dev)")
     if not fashion_mnist_available():
         raise FileNotFoundError(f"Fashion-MNIST not found in {FASHION_MNIST_DIR}: "
                                 "apt-get install dataset-fashion-mnist (or set HVD_LB_FASHION_MNIST)")
+    n_total = fashion_mnist_size("train")
+    if batch > n_total:
+        raise ValueError(f"invalid --batch-size {batch}: must be at most the {n_total} training images")
+    # Every run needs a full batch per epoch, the baseline's included.
+    subset = None if args.train_subset is None else options.integer(
+        "--train-subset", args.train_subset, low=max(batch, BASE_BATCH if baseline else 1), high=n_total)
     runs = []
     if baseline:
         for seed in seeds:
@@ -212,8 +230,8 @@ def parse_config(args) -> Dict:
         "base_batch": BASE_BATCH, "baseline_optimizer": BASELINE_OPTIMIZER, "baseline_lr": BASELINE_LR,
         "batch_size": batch, "epochs": epochs, "workers": workers, "micro_batches": micro, "k": k,
         "seeds": seeds, "lr_grid": grid, "vr_lr_factor": VR_LR_FACTOR, "warmup_epochs": warmup,
-        "train_subset": args.train_subset, "weight_decay": args.weight_decay,
-        "model": "MLP 784-128-64-10 (ReLU)", "n_train": args.train_subset or fashion_mnist_size("train"),
+        "train_subset": subset, "weight_decay": weight_decay,
+        "model": "MLP 784-128-64-10 (ReLU)", "n_train": subset or n_total,
         "notes": notes, "runs": runs,
     }
 
@@ -333,8 +351,7 @@ def main(args) -> int:
 
     t0 = time.time()
     config = parse_config(args)
-    out_dir = os.path.abspath(args.out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = options.writable_dir("--out-dir", args.out_dir)
     n_rows = len(config["rows"])
     print(f"hvd-lb demo: {len(config['runs'])} runs ({'baseline + ' if config['baseline'] else ''}{n_rows} "
           f"large-batch rows × {len(config['lr_grid'])} rates × {len(config['seeds'])} seeds, "

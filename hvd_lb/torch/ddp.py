@@ -13,6 +13,7 @@ Usage (``torchrun --nproc_per_node N train.py``)::
                 (loss_fn(model(micro)) / M).backward()    # micro-batches are summed
         opt.step()
         opt.zero_grad()
+    dist.destroy_process_group()    # else Gloo can abort at exit (pytorch/pytorch#190489)
 
 docs/SPEC.md §1 with W = world size and k = W·M samples x_{w,m} = M·g_{w,m}:
 
