@@ -127,6 +127,9 @@ def test_import_paths_and_keras2_lr():
     opt = lb.GSNR(keras.optimizers.Adam(0.1))
     opt.lr.assign(0.25)  # Keras 2's alias, as Horovod's examples use it
     assert float(opt.inner_optimizer.learning_rate.numpy()) == 0.25
+    import tensorflow as tf
+    tf.keras.backend.set_value(opt.lr, 0.5)
+    assert float(opt.inner_optimizer.learning_rate.numpy()) == 0.5
     with pytest.raises(ValueError, match="invalid model"):
         elastic.TensorFlowKerasState(keras.Sequential([keras.layers.Dense(2)]), opt)
     with pytest.raises(ValueError, match="invalid batches_per_commit=0"):

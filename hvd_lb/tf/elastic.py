@@ -155,13 +155,20 @@ class TensorFlowKerasState(ObjectState):
         _check_samples(self.optimizer)
 
 
+def _lr(opt):
+    # The tf.Variable behind a Keras one: Keras 3's own tf.keras.backend.set_value reads
+    # ``x.dtype.name``, which a Keras variable (dtype a string) lacks.
+    lr = opt.learning_rate
+    return lr.value if isinstance(lr, keras.Variable) else lr
+
+
 def _keras2_lr_alias():
     """``optimizer.lr`` (Keras 2's alias of ``learning_rate``, gone in Keras 3): Horovod's elastic
-    examples set the rate with it in their reset callbacks. Added only where Keras has none."""
+    examples set the rate with it in their reset callbacks (``opt.lr.assign(x)``,
+    ``tf.keras.backend.set_value(opt.lr, x)``). Added only where Keras has none."""
     base = keras.optimizers.Optimizer
     if not hasattr(base, "lr"):
-        base.lr = property(lambda self: self.learning_rate,
-                           lambda self, value: setattr(self, "learning_rate", value))
+        base.lr = property(_lr, lambda self, value: setattr(self, "learning_rate", value))
 
 
 _keras2_lr_alias()
