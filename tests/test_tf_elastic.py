@@ -134,3 +134,28 @@ def test_import_paths_and_keras2_lr():
         elastic.TensorFlowKerasState(keras.Sequential([keras.layers.Dense(2)]), opt)
     with pytest.raises(ValueError, match="invalid batches_per_commit=0"):
         lbk.elastic.CommitStateCallback(None, batches_per_commit=0)
+
+
+def test_first_epoch_after_a_reset_ends_where_the_interrupted_one_would_have():
+    """Horovod shortens ``params['steps']`` (ignored by Keras 3); here fit stops that epoch itself."""
+    keras = pytest.importorskip("keras")
+    import numpy as np
+    from hvd_lb.tf.keras.elastic import UpdateBatchStateCallback, UpdateEpochStateCallback
+
+    class State:  # what the callbacks read and write of an elastic state
+        batch, epoch = 3, 1
+
+    class Count(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(0)
+
+        def on_train_batch_end(self, batch, logs=None):
+            seen[-1] += 1
+
+    seen, state = [], State()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = np.ones((40, 2), np.float32)
+    model.fit(x, x[:, :1], batch_size=4, steps_per_epoch=5, epochs=3 - state.epoch, verbose=0,
+              callbacks=[UpdateEpochStateCallback(state), UpdateBatchStateCallback(state), Count()])
+    assert seen == [2, 5] and state.epoch == 3 and state.batch == 0
