@@ -32,7 +32,7 @@ log = open(os.path.join(args.out_dir, f"worker_{os.getpid()}.jsonl"), "a", buffe
 
 def record(state, **extra):
     opt = base = state.optimizer
-    gsnr = None
+    gsnr = opt if isinstance(opt, lb.GSNR) else None
     while hasattr(base, "inner_optimizer"):  # DistributedOptimizer, GSNR
         base = base.inner_optimizer
         gsnr = base if isinstance(base, lb.GSNR) else gsnr
