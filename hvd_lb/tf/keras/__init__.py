@@ -5,8 +5,9 @@ Horovod's functions that work on Keras 3 pass through (``init``, ``rank``, ``siz
 sets, ``broadcast_global_variables`` (TF1 only, as Horovod's), …); the broken
 ones are replaced: ``DistributedOptimizer`` (any Keras 3 optimizer, Horovod's arguments),
 ``callbacks``, ``load_model``, ``elastic`` (Keras 3 states and callbacks). hvd_lb's own
-(``GSNR``, the rule optimizers, ``create``, …) come along. ``model.compile(..., experimental_run_tf_function=False)`` is accepted: it is
-Keras 2's flag, and Keras 3's ``fit`` always steps through ``optimizer.apply``.
+(``GSNR``, the rule optimizers, ``create``, …) come along.
+``model.compile(..., experimental_run_tf_function=False)`` is accepted: it is Keras 2's flag,
+and Keras 3's ``fit`` always steps through ``optimizer.apply``.
 """
 import functools
 import importlib
