@@ -2,7 +2,6 @@
 changed only in the import line (and data/length, see their headers), grow 2 → 3 and shrink
 3 → 2 on localhost with every rank holding the same model and optimizer state, GSNR's included."""
 import collections
-import json
 import subprocess
 import sys
 import time
@@ -10,28 +9,21 @@ import time
 import pytest
 
 from tests.hvdrun import HOROVODRUN, ROOT, horovod_env
+from tests.test_elastic import _rows
 
 SCRIPTS = ROOT / "tests" / "scripts"
 PROBE = SCRIPTS / "tf_elastic_probe.py"
 
 
-def _rows(out_dir):
-    rows = []
-    for path in out_dir.glob("worker_*.jsonl"):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return rows
-
-
 def _wait(out_dir, proc, pred, what, timeout=90):
     end = time.time() + timeout
-    while time.time() < end:
+    while time.time() < end and proc.poll() is None:
         if pred(_rows(out_dir)):
             return
-        if proc.poll() is not None:
-            pytest.fail(f"job ended while waiting for {what}: {proc.stdout.read()[-4000:]}")
         time.sleep(0.3)
+    how = "job ended" if proc.poll() is not None else "timed out"
     proc.kill()
-    pytest.fail(f"timed out waiting for {what}: {proc.stdout.read()[-4000:]}")
+    pytest.fail(f"{how} waiting for {what}: {(out_dir / 'job.log').read_text()[-4000:]}")
 
 
 def _grow_and_shrink(tmp_path, script, *probe_args):
@@ -46,19 +38,20 @@ def _grow_and_shrink(tmp_path, script, *probe_args):
     cmd = [str(HOROVODRUN), "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
            str(discover), "--network-interface", "lo", sys.executable, str(PROBE), str(SCRIPTS / script),
            str(tmp_path), *probe_args]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=horovod_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # Output to a file: Keras progress bars would fill a pipe that nobody reads while we wait.
+    with open(tmp_path / "job.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=horovod_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait(tmp_path, proc, lambda rows: sum(r["size"] == 2 for r in rows) >= 4, "2 commits on 2 workers")
         hosts.write_text("localhost:3\n")
         _wait(tmp_path, proc, lambda rows: sum(r["size"] == 3 and r["rank"] == 0 for r in rows) >= 3,
               "3 commits on 3 workers")
         hosts.write_text("localhost:2\n")
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out[-4000:]
+    assert proc.returncode == 0, (tmp_path / "job.log").read_text()[-4000:]
     return _rows(tmp_path)
 
 
