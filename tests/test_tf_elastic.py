@@ -152,3 +152,37 @@ def test_first_epoch_after_a_reset_ends_where_the_interrupted_one_would_have():
     model.fit(x, x[:, :1], batch_size=4, steps_per_epoch=5, epochs=3 - state.epoch, verbose=0,
               callbacks=[UpdateEpochStateCallback(state), UpdateBatchStateCallback(state), Count()])
     assert seen == [2, 5] and state.epoch == 3 and state.batch == 0
+
+
+def test_run_restores_the_last_commit_when_an_hvd_lb_collective_fails(monkeypatch):
+    """Horovod's run() only knows its ungrouped ops; a failed hvd_lb all-reduce (a grouped op named
+    hvd_lb_*) must restore the last commit and retry too, other errors propagate."""
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("horovod.tensorflow")
+    import tensorflow as tf
+    from hvd_lb.tf import elastic
+
+    # Horovod's restart (shutdown + init) needs horovodrun's Gloo: MPI cannot init twice.
+    monkeypatch.setattr(elastic, "_reset", lambda: None)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    state = elastic.TensorFlowKerasState(model, keras.optimizers.SGD(0.1), tries=0)
+    kernel = model.layers[0].kernel.numpy()
+
+    calls = []
+
+    @elastic.run
+    def train(state, error):
+        calls.append(error)
+        state.tries += 1
+        if len(calls) == 1:
+            model.layers[0].kernel.assign(kernel + 1.0)
+            raise tf.errors.UnknownError(None, None, error)
+        return state.tries
+
+    # Retried once, from the last commit: the kernel and the state's attribute restored.
+    assert train(state, "Horovod has been shut down.\n\t [[{{node hvd_lb_reduce_3_0a1b2c3d}}]]") == 1
+    assert len(calls) == 2 and (model.layers[0].kernel.numpy() == kernel).all()
+    calls.clear()
+    with pytest.raises(tf.errors.UnknownError, match="not a collective"):
+        train(state, "not a collective")
