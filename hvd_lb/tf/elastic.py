@@ -6,6 +6,8 @@ and every optimizer variable — a ``DistributedOptimizer``'s accumulators, a ``
 (``gsnr_avg``) and step count, the wrapped optimizer's slots — and broadcast them by position
 (``hvd_lb.tf.broadcast_variables``), so a worker that joins with fresh variables gets rank 0's.
 Other names of ``horovod.tensorflow.elastic`` (``ObjectState``, ``State``, …) pass through.
+Importing this module gives Keras 3 optimizers Keras 2's ``lr`` alias, which Horovod's elastic
+examples use in their reset callbacks.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def run(func):
         except tf.errors.UnknownError as e:
             if _COLLECTIVE.search(e.message):
                 raise HorovodInternalError(e) from e
-            raise
+            raise  # (Horovod's returns None here, hiding the error)
 
     return run_fn(wrapper, _reset)
 
