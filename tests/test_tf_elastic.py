@@ -105,6 +105,10 @@ def test_state_builds_the_optimizer_without_a_step():
     assert float(abs(opt.inner_optimizer.gsnr_avg[0]).numpy().max()) == 0.0
     state.sync()  # one worker: nothing to broadcast, the snapshot is retaken
     assert len(opt.variables) == n
+    # A reset that leaves k = workers × micro_batches < 2 (here: 1 worker, as if M were 1) is refused.
+    opt.micro_batches = 1
+    with pytest.raises(ValueError, match="k = 1 × 1 = 1"):
+        state.reset()
 
 
 def test_import_paths_and_keras2_lr():
