@@ -35,8 +35,9 @@ def run(func):
     Before each call the state is synced from rank 0; a collective that fails because a worker
     died (a TF error naming a Horovod or hvd_lb collective) restores the last commit, and a
     host change raised at ``state.commit()`` re-forms the job (Horovod restarts, the reset
-    callbacks run). Collectives must not run before ``func`` is called (a joining worker
-    would pair them with the others' sync).
+    callbacks run). A joining worker's collectives before ``func`` must pair with the others'
+    reset callbacks (as the one-step ``fit`` of Horovod's Keras example does), else they meet
+    the others' sync and hang.
     """
     def wrapper(state, *args, **kwargs):
         try:
