@@ -25,8 +25,15 @@ def test_modules_give_what_horovod_gives_with_horovods_signatures():
     assert not [n for n in dir(htf) if not n.startswith("_") and not hasattr(lb_tf, n)]
     internals = {"K", "inspect", "is_version_greater_equal_than"}
     assert not [n for n in dir(hk) if not n.startswith("_") and n not in internals and not hasattr(lb_keras, n)]
-    for name in ("init", "rank", "allreduce", "Compression", "Sum", "ProcessSet", "elastic"):
+    for name in ("init", "rank", "allreduce", "Compression", "Sum", "ProcessSet"):
         assert getattr(lb_keras, name) is getattr(hk, name)
+    # elastic: Keras 3 states and callbacks of our own, Horovod's names and parameters.
+    for ours, theirs in ((lb_keras.elastic, hk.elastic), (lb_tf.elastic, htf.elastic)):
+        assert ours is not theirs and not [n for n in theirs.__all__ if not hasattr(ours, n)]
+        for name in theirs.__all__:
+            if isinstance(getattr(theirs, name), type):
+                assert _params(getattr(ours, name))[:len(_params(getattr(theirs, name)))] == \
+                    _params(getattr(theirs, name)), name
     # Horovod's parameters, in Horovod's order, then hvd_lb's (keyword-only).
     assert _params(lb_keras.DistributedOptimizer)[:13] == _params(hk.DistributedOptimizer)[:13]
     assert _params(lb_tf.DistributedGradientTape)[:10] == _params(htf.DistributedGradientTape)[:10]

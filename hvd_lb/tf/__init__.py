@@ -2,9 +2,10 @@
 
 ``import hvd_lb.tf as hvd`` gives everything ``horovod.tensorflow`` gives (``init``,
 ``rank``, the collectives, ``Compression``, ``Average``/``Sum``, process sets, ``join``,
-``elastic``, …), with ``DistributedGradientTape``, ``DistributedOptimizer`` (Keras 3) and
-``broadcast_variables`` (Keras 3 variables, matched by position) replaced, plus hvd_lb's own:
-every rule of docs/SPEC.md §4 as a Keras optimizer and the GSNR transform (``GSNR``).
+…), with ``DistributedGradientTape``, ``DistributedOptimizer`` (Keras 3),
+``broadcast_variables`` (Keras 3 variables, matched by position) and ``elastic`` (Keras 3
+states) replaced, plus hvd_lb's own: every rule of docs/SPEC.md §4 as a Keras optimizer
+and the GSNR transform (``GSNR``).
 ``import hvd_lb.tf.keras as hvd`` does the same for ``horovod.tensorflow.keras``.
 ``horovod.tensorflow`` is imported on first distributed use, so the optimizers
 (and loading a saved model that uses ``DistributedOptimizer``) work without it.
@@ -29,8 +30,9 @@ _OWN = ["GSNR", "OPTIMIZERS", "UPDATES", "LargeBatchOptimizer", "Step", "create"
         "BestModelCheckpoint"]
 
 
-# "keras" is our drop-in for horovod.tensorflow.keras, not Horovod's.
+# "keras" and "elastic" are our drop-ins for Horovod's modules of that name.
 __getattr__, __dir__ = horovod_superset(globals(), "horovod.tensorflow", OPTIMIZERS,
-                                        {"keras": lambda: importlib.import_module(".keras", __name__)})
+                                        {"keras": lambda: importlib.import_module(".keras", __name__),
+                                         "elastic": lambda: importlib.import_module(".elastic", __name__)})
 
 __all__ = _OWN + [cls.__name__ for cls in OPTIMIZERS.values()]

@@ -336,18 +336,18 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
-    def _check_agreement(self, var_list):
+    def _check_agreement(self, var_list, elastic_sync: bool = False):
         """The same ``ValueError`` on every rank when ranks built different wrappers (GSNR on one
         rank only, another rule, micro_batches, a frozen variable, ...): one small all-gather at
         the first ``apply``, before any gradient is reduced (SPEC §7). Not in ``build``: a rank
         that restores a saved model builds its optimizer while loading, the others later."""
-        if getattr(self, "_agreed", False):
+        if getattr(self, "_agreed", False) and not elastic_sync:
             return
         self._agreed = True
         ps = _process_set(self.process_set)
-        if not ps.included() or ps.size() < 2 or os.environ.get("HOROVOD_ELASTIC") == "1":
-            # Elastic: a worker added later builds alone; a collective here would wait for ranks
-            # that never join it.
+        if not ps.included() or ps.size() < 2 or (os.environ.get("HOROVOD_ELASTIC") == "1" and not elastic_sync):
+            # Elastic: a worker added later steps alone first; the elastic states' sync, which
+            # every rank runs after each reset, checks instead (``elastic_sync``).
             return
         inner = self.inner_optimizer
         settings = {
@@ -642,6 +642,13 @@ def _unwrap(variables):
 
 
 _broadcasts = itertools.count()  # one prefix per broadcast call, the same sequence on every rank
+
+
+def restart_broadcast_names():
+    """Restart the call count that names broadcasts: an elastic sync calls it on every rank, so a
+    worker that joins (count 0) names its broadcasts as the others do."""
+    global _broadcasts
+    _broadcasts = itertools.count()
 
 
 def broadcast_variables(variables, root_rank=0, process_set=None):

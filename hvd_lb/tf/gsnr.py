@@ -238,7 +238,10 @@ class GSNR(keras.optimizers.Optimizer):
                     f"optimizer '{self.name}' needs the mean of squared gradient samples (SPEC §1): "
                     "wrap it in hvd_lb.tf.DistributedOptimizer, use "
                     "hvd_lb.tf.DistributedGradientTape(tape), or call "
-                    "opt.set_grad_sq(squares) before apply")
+                    "opt.set_grad_sq(squares) before apply. A local step taken only to create the "
+                    "optimizer's state (the allreduce=False first step of Horovod's elastic examples) has "
+                    "one gradient sample and no variance: build instead, model.build(input_shape) and "
+                    "opt.build(model.trainable_variables) (hvd_lb.tf.elastic's states build the optimizer)")
             if len(sq) != len(grads):
                 raise ValueError(f"invalid grad_sq: {len(sq)} tensors for {len(grads)} gradients")
             # Keyed by variable: Keras filters None gradients and clips ḡ before

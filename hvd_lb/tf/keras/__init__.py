@@ -2,13 +2,15 @@
 
 Horovod's functions that work on Keras 3 pass through (``init``, ``rank``, ``size``,
 ``allreduce``, ``allgather``, ``broadcast``, ``Compression``, ``Average``/``Sum``, process
-sets, ``broadcast_global_variables`` (TF1 only, as Horovod's), ``elastic``, …); the broken
+sets, ``broadcast_global_variables`` (TF1 only, as Horovod's), …); the broken
 ones are replaced: ``DistributedOptimizer`` (any Keras 3 optimizer, Horovod's arguments),
-``callbacks``, ``load_model``. hvd_lb's own (``GSNR``, the rule optimizers, ``create``, …)
-come along. ``model.compile(..., experimental_run_tf_function=False)`` is accepted: it is
-Keras 2's flag, and Keras 3's ``fit`` always steps through ``optimizer.apply``.
+``callbacks``, ``load_model``, ``elastic`` (Keras 3 states and callbacks). hvd_lb's own
+(``GSNR``, the rule optimizers, ``create``, …) come along.
+``model.compile(..., experimental_run_tf_function=False)`` is accepted: it is Keras 2's flag,
+and Keras 3's ``fit`` always steps through ``optimizer.apply``.
 """
 import functools
+import importlib
 
 import keras
 
@@ -24,7 +26,7 @@ _THEIRS = ("init", "shutdown", "is_initialized", "start_timeline", "stop_timelin
            "gloo_enabled", "gloo_built", "ProcessSet", "global_process_set", "add_process_set",
            "remove_process_set", "nccl_built", "ddl_built", "ccl_built", "cuda_built", "rocm_built", "Average",
            "Sum", "Compression", "allreduce", "allgather", "broadcast", "reducescatter",
-           "broadcast_global_variables", "elastic")
+           "broadcast_global_variables")
 
 
 def _horovod_keras():
@@ -34,13 +36,15 @@ def _horovod_keras():
 
 
 def __getattr__(name):
+    if name == "elastic":
+        return importlib.import_module(".elastic", __name__)
     if name in _THEIRS:
         return getattr(_horovod_keras(), name)
     return _tf_getattr(name)
 
 
 def __dir__():
-    return sorted(set(_tf_dir()) | set(_THEIRS) | {"callbacks", "load_model"})
+    return sorted(set(_tf_dir()) | set(_THEIRS) | {"callbacks", "load_model", "elastic"})
 
 
 def load_model(filepath, custom_optimizers=None, custom_objects=None, compression="none", legacy_opts=False):
@@ -78,4 +82,4 @@ def _accept_experimental_run_tf_function():
 
 _accept_experimental_run_tf_function()
 
-__all__ = list(_tf_all) + list(_THEIRS) + ["callbacks", "load_model"]
+__all__ = list(_tf_all) + list(_THEIRS) + ["callbacks", "load_model", "elastic"]
