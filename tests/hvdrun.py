@@ -74,3 +74,23 @@ def run_command(cmd, timeout: float, out_dir=None):
 def read_rank_json(out_dir: Path, np: int, stem: str = "rank"):
     """Each rank writes ``{stem}{rank}.json``; return the list in rank order."""
     return [json.loads((Path(out_dir) / f"{stem}{r}.json").read_text()) for r in range(np)]
+
+
+def elastic_horovodrun(tmp_path, args, np: int = 2, max_np: int = 3, **popen):
+    """Start elastic ``horovodrun`` on localhost (``--network-interface lo``); the slots come from
+    ``tmp_path/hosts`` through a discovery script, so writing that file grows or shrinks the job.
+
+    Returns (the process, the hosts file); ``popen``: stdout, cwd, ... for ``subprocess.Popen``.
+    """
+    if not HOROVODRUN.exists():
+        pytest.skip("horovodrun not installed in this environment (run scripts/install.sh)")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"localhost:{np}\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
+    discover.chmod(0o755)
+    cmd = [str(HOROVODRUN), "-np", str(np), "--min-np", str(np), "--max-np", str(max_np),
+           "--host-discovery-script", str(discover), "--network-interface", "lo", sys.executable, *map(str, args)]
+    popen.setdefault("cwd", ROOT)
+    return subprocess.Popen(cmd, env=horovod_env(), **popen), hosts
+

@@ -2,12 +2,11 @@
 import collections
 import json
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.hvdrun import HOROVODRUN, ROOT, horovod_env
+from tests.hvdrun import ROOT, elastic_horovodrun
 
 WORKER = ROOT / "tests" / "scripts" / "elastic_worker.py"
 STEPS = 60
@@ -34,17 +33,8 @@ def _wait(out_dir, proc, pred, what, timeout=150):
 
 @pytest.mark.multiprocess
 def test_grow_and_shrink_keep_ranks_identical(tmp_path):
-    if not HOROVODRUN.exists():
-        pytest.skip("horovodrun not installed")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:2\n")
-    discover = tmp_path / "discover.sh"
-    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
-    discover.chmod(0o755)
-    cmd = [str(HOROVODRUN), "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
-           str(discover), "--network-interface", "lo", sys.executable, str(WORKER), str(tmp_path), str(STEPS)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=horovod_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc, hosts = elastic_horovodrun(tmp_path, [WORKER, tmp_path, STEPS], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
     try:
         _wait(tmp_path, proc, lambda rows: any(r["step"] >= 3 for r in rows), "3 steps on 2 workers")
         hosts.write_text("localhost:3\n")

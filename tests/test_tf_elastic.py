@@ -3,12 +3,11 @@ changed only in the import line (and data/length, see their headers), grow 2 →
 3 → 2 on localhost with every rank holding the same model and optimizer state, GSNR's included."""
 import collections
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.hvdrun import HOROVODRUN, ROOT, horovod_env
+from tests.hvdrun import ROOT, elastic_horovodrun
 from tests.test_elastic import _rows
 
 SCRIPTS = ROOT / "tests" / "scripts"
@@ -28,19 +27,10 @@ def _wait(out_dir, proc, pred, what, timeout=90):
 
 def _grow_and_shrink(tmp_path, script, *probe_args):
     """Run ``script`` under elastic horovodrun (2 → 3 → 2 workers); return the probe's rows."""
-    if not HOROVODRUN.exists():
-        pytest.skip("horovodrun not installed")
-    hosts = tmp_path / "hosts"
-    hosts.write_text("localhost:2\n")
-    discover = tmp_path / "discover.sh"
-    discover.write_text(f"#!/bin/sh\ncat {hosts}\n")
-    discover.chmod(0o755)
-    cmd = [str(HOROVODRUN), "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
-           str(discover), "--network-interface", "lo", sys.executable, str(PROBE), str(SCRIPTS / script),
-           str(tmp_path), *probe_args]
     # Output to a file: Keras progress bars would fill a pipe that nobody reads while we wait.
     with open(tmp_path / "job.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=horovod_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc, hosts = elastic_horovodrun(tmp_path, [PROBE, SCRIPTS / script, tmp_path, *probe_args], cwd=tmp_path,
+                                         stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait(tmp_path, proc, lambda rows: sum(r["size"] == 2 for r in rows) >= 4, "2 commits on 2 workers")
         hosts.write_text("localhost:3\n")

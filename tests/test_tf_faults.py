@@ -52,7 +52,7 @@ def test_different_micro_batches_raise_instead_of_hanging(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("hung: micro_batches 1 vs 2 must raise at the first step")
     assert proc.returncode != 0
-    # Caught when the optimizer is built (tests/test_tf_agreement.py); the count that rides in the
+    # Caught at the first step by the agreement check (tests/test_agreement.py); the count that rides in the
     # reduction stays as a second check.
     assert "disagree about the DistributedOptimizer's micro_batches (rank 0: 1; rank 1: 2)" in proc.stdout + proc.stderr
     assert time.monotonic() - start < 120
