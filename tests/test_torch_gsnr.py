@@ -298,3 +298,18 @@ def test_complex_parameters_equal_their_real_view(path):
             opt.step()
     torch.testing.assert_close(torch.view_as_real(c.detach()), r.detach(), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(torch.view_as_real(opts[0].state[c]["gsnr_avg"]), opts[1].state[r]["gsnr_avg"])
+
+
+def test_load_state_dict_post_hooks_see_the_finished_state():
+    """A post hook runs after the transform filled in what older state dicts lack (and once)."""
+    params = _leaves()
+    opt = lbt.GSNR(torch.optim.AdamW(params, lr=0.01), gamma=0.2)
+    _run(opt, params, SEQ[:2])
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["gamma"], group["gsnr_exclude"]
+    seen = []
+    opt.register_load_state_dict_post_hook(lambda o: seen.append((o.param_groups[0]["gamma"],
+                                                                  o.param_groups[0]["gsnr_exclude"])))
+    opt.load_state_dict(saved)
+    assert seen == [(0.2, ())]

@@ -186,8 +186,19 @@ class GSNR(torch.optim.Optimizer):
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state_dict) -> None:
-        """Load into the wrapped optimizer; state dicts of older hvd_lb versions load too."""
-        self.optimizer.load_state_dict(state_dict)
+        """Load into the wrapped optimizer; state dicts of older hvd_lb versions load too.
+
+        Post hooks run last, as torch runs them, but on the transform's finished state (p_t in
+        float32, the keys older versions lacked filled in).
+        """
+        hooks = self.optimizer._optimizer_load_state_dict_post_hooks
+        post = list(hooks.values())
+        saved = dict(hooks)
+        hooks.clear()
+        try:
+            self.optimizer.load_state_dict(state_dict)
+        finally:
+            hooks.update(saved)
         keep_wide_state(self, state_dict, keys=(rules.GSNR_SLOT,))  # p_t stays float32
         for st in self.state.values():
             # Before the transform kept its own count, p_t's count was the rule's ``step``.
@@ -197,6 +208,8 @@ class GSNR(torch.optim.Optimizer):
             for key in _KEYS:  # saved before the key existed
                 group.setdefault(key, self.defaults[key])
             self._setup_group(group)
+        for hook in post:
+            hook(self.optimizer)
 
     def __getstate__(self):
         # torch.optim's own pickling drops the wrapped optimizer's parameter names.
