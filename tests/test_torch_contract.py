@@ -115,3 +115,13 @@ def test_elastic_sync_builds_state_without_counting_a_step(ranks):
         assert r["hvd_lb"] == {"max_diff": 0.0, "gsnr_step": 2}
         assert r["horovod"]["gsnr_step"] == 3
 
+
+def test_step_without_backward_never_hangs(ranks):
+    """One rank without a backward takes part with zeros (ranks identical, it warns); no rank with
+    one: the same RuntimeError on every rank within a second (alone: at once, as before)."""
+    res = _case(ranks, "no_backward")
+    for r in res:
+        assert r["params"] == res[0]["params"]
+        assert r["raised"] is not None and "without loss.backward()" in r["raised"] and r["seconds"] < 1.0
+    assert [r["warned"] for r in res] == ([False] if len(res) == 1 else [False, True])
+

@@ -38,6 +38,10 @@ except ImportError as e:  # pragma: no cover - horovod is a hard dependency at r
 _UNSET = object()
 
 
+_NO_BACKWARD = ("optimizer.step() without loss.backward() since the last step: there are no new gradient "
+                "samples, so the GSNR statistics would be stale (call backward() {M} time(s) per step)")
+
+
 class _WireDtypes:
     """Horovod's compression, with the dtypes Horovod 0.28 cannot all-reduce sent as ones it can.
 
@@ -213,11 +217,15 @@ class _DistributedGSNR(GSNR):
         if not self.process_set.included():
             self._synchronized = True
             return
-        if not self._backward_seen:
-            raise RuntimeError(
-                "optimizer.step() without loss.backward() since the last step: there are no new "
-                "gradient samples, so the GSNR statistics would be stale (call backward() "
-                f"{self.micro_batches} time(s) per step)")
+        stale = not self._backward_seen
+        if stale:
+            if self.process_set.size() == 1:
+                raise RuntimeError(_NO_BACKWARD.format(M=self.micro_batches))
+            # Several ranks: the others may already wait in the all-reduces of this step. Take
+            # part with zeros (presence 0, the old gradients dropped); if no rank had a backward,
+            # every rank raises below, together.
+            for p in self._requires_update:
+                p.grad = None
         self._backward_seen = False
         passes = {self.micro_batches - self._delay[p] for p in self._requires_update - set(self._handles)}
         short = sorted(n for n in passes if 0 < n < self.micro_batches)
@@ -247,11 +255,16 @@ class _DistributedGSNR(GSNR):
             self._stats[p] = torch.view_as_complex(sq) if p.is_complex() else sq
         # Only a parameter this rank did not use can be unused everywhere: one host read for those.
         absent = [p for p in self._absent if p in present]
-        for p, mean in zip(absent, torch.cat([present[p] for p in absent]).tolist() if absent else ()):
+        means = torch.cat([present[p] for p in absent]).tolist() if absent else []
+        for p, mean in zip(absent, means):
             if mean == 0:  # no rank had a gradient: grad None, not stepped (identical on every rank)
                 p.grad = None
                 self._stats.pop(p)
         self._absent.clear()
+        nobody = stale and all(m == 0 for m in means)  # no rank had a backward: all raise below
+        if stale and not nobody:
+            warnings.warn("optimizer.step() without loss.backward() on this rank since the last step: "
+                          "its gradient samples count as zeros (other ranks had gradients)")
         for p in self._delay:
             self._delay[p] = self.micro_batches
         synced = [p for p in self._handles if p.grad is not None]
@@ -260,6 +273,9 @@ class _DistributedGSNR(GSNR):
         self._gnorm.update(zip(synced, norms([p.grad for p in synced])))
         self._handles.clear()
         self._synchronized = True
+        if nobody:
+            self._synchronized = False
+            raise RuntimeError(_NO_BACKWARD.format(M=self.micro_batches))
 
     @contextmanager
     def skip_synchronize(self):

@@ -10,6 +10,7 @@ import gc
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -235,6 +236,34 @@ def case_elastic_sync(lbt, rank, M):
     return out
 
 
+def case_no_backward(lbt, rank, M):
+    """A step without a backward: on one rank of several it takes part with zeros (no hang, the
+    ranks stay identical, that rank warns); on every rank (or alone) the same error everywhere."""
+    import warnings
+    out = {}
+    params = leaves()
+    opt = subjects(lbt)["GSNR(AdamW)"][0](params, M)
+    skip = 1 if rank == 1 else None  # rank 1 skips step 2's backward (alone: nobody skips here)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 4):
+            if not (step == 2 and rank == skip):
+                for m in range(M):
+                    backward(params, micro_grads(step, rank, m, M))
+            opt.step()
+            opt.zero_grad()
+    out["params"] = dump(params)
+    out["warned"] = any("count as zeros" in str(w.message) for w in caught)
+    start = time.perf_counter()
+    try:
+        opt.step()  # no rank had a backward
+        out["raised"] = None
+    except RuntimeError as e:
+        out["raised"] = str(e)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
 def main():
     out_dir = sys.argv[1]
     torch.set_num_threads(1)
@@ -244,7 +273,7 @@ def main():
     rank, M = hvd.rank(), 4 // hvd.size()
     result = {"size": hvd.size(), "M": M}
     for case in (case_hooks, case_closure, case_unused_param, case_second_wrapper, case_compile,
-                 case_low_precision, case_resume, case_elastic_sync):
+                 case_low_precision, case_resume, case_elastic_sync, case_no_backward):
         try:
             result[case.__name__[5:]] = case(lbt, rank, M)
         except Exception as e:  # recorded, so that one failing case names itself
