@@ -347,6 +347,16 @@ def square_wire_dtype(square_dtype: Optional[str], workers: int) -> Optional[str
     return "float32"
 
 
+def agreement_settings(gsnr: bool, optimizer, micro_batches: int, square_dtype, skip_nonfinite: bool, op,
+                       predivide: float, **backend) -> Dict[str, Any]:
+    """What every rank's DistributedOptimizer must agree on (JSON values), both backends;
+    ``backend``: what only one backend has (its tensors, Keras's averaging flag)."""
+    rule = getattr(optimizer, "rule_name", "") or type(optimizer).__module__
+    return {"GSNR": gsnr, "optimizer": f"{type(optimizer).__name__} ({rule})", "micro_batches": micro_batches,
+            "square_dtype": square_dtype, "skip_nonfinite": skip_nonfinite, "op": HOROVOD_OPS.get(op, str(op)),
+            "gradient_predivide_factor": float(predivide), **backend}
+
+
 def disagreement(every, ranks, what: str) -> Optional[str]:
     """The error for settings that differ between ranks (None if they agree), the same text on
     every rank: ``every`` holds each rank's settings dict (JSON values), in rank order.
@@ -418,5 +428,5 @@ __all__ = [
     "Hyper", "Rule", "RULES", "NAMES", "BASE_NAMES", "GSNR_HYPERS", "GSNR_SLOT", "register", "get_rule",
     "validate", "check_gsnr", "check_gsnr_op", "HOROVOD_OPS", "check_square_dtype", "square_wire_dtype", "SQUARE_DTYPES",
     "to_keras", "from_keras", "check_samples", "small_k_note", "check_micro_batches", "KERAS_NAMES",
-    "disagreement",
+    "agreement_settings", "disagreement",
 ]

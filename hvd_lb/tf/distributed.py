@@ -349,18 +349,12 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             # Elastic: a worker added later steps alone first; the elastic states' sync, which
             # every rank runs after each reset, checks instead (``elastic_sync``).
             return
-        inner = self.inner_optimizer
-        settings = {
-            "GSNR": self.needs_squares,
-            "optimizer": f"{type(inner).__name__} ({getattr(inner, 'rule_name', '') or type(inner).__module__})",
-            "micro_batches": self.micro_batches, "square_dtype": self.square_dtype,
-            "skip_nonfinite": self.skip_nonfinite, "op": rules.HOROVOD_OPS.get(self.op, str(self.op)),
-            "gradient_predivide_factor": float(self.gradient_predivide_factor),
-            "average_aggregated_gradients": self.average_aggregated_gradients,
+        settings = rules.agreement_settings(
+            self.needs_squares, self.inner_optimizer, self.micro_batches, self.square_dtype, self.skip_nonfinite,
+            self.op, self.gradient_predivide_factor, average_aggregated_gradients=self.average_aggregated_gradients,
             # Not the paths: Keras numbers layers per process, and the collectives are named by shape.
-            "variables (shape, dtype, trainable)": [
-                [list(v.shape), tf.as_dtype(v.dtype).name, bool(v.trainable)] for v in var_list],
-        }
+            **{"variables (shape, dtype, trainable)": [
+                [list(v.shape), tf.as_dtype(v.dtype).name, bool(v.trainable)] for v in var_list]})
         with tf.init_scope():  # eager even when Keras builds inside a traced step
             data = tf.constant(list(json.dumps(settings, sort_keys=True).encode()), tf.uint8)
             hvd = _hvd()

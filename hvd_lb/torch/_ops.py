@@ -170,6 +170,14 @@ def _compile_copy(fn, key=()):
     return torch.compile(copy, dynamic=True, fullgraph=True)
 
 
+def run_closure(closure):
+    """``closure()`` with gradients on (steps run under ``no_grad``), as torch.optim does; None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def real_view(t: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real view (..., 2): re and im are two real elements, as in torch.optim."""
     return torch.view_as_real(t) if t.is_complex() else t

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ._ops import real_view
+
 
 def work_dtype(dtype: torch.dtype, square_dtype=None) -> torch.dtype:
     """float32, or float64 for float64 (complex128) parameters or ``square_dtype="float64"`` (SPEC §1).
@@ -81,7 +83,7 @@ def norms(tensors):
     """
     if not tensors:
         return []
-    tensors = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    tensors = [real_view(t) for t in tensors]
     out = [n.double() for n in torch._foreach_norm(
         [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in tensors], 2)]
     if not bool(torch.isfinite(torch.stack(out)).all()):

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import torch
 
 from .. import rules
-from ._ops import real_view
+from ._ops import real_view, run_closure
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
 from .gsnr import GSNR, unhooked_step
 
@@ -367,10 +367,7 @@ def _skip(opt, extra=()) -> bool:
 def _closure_and_synchronize(opt, closure, again: bool):
     """The start of a wrapper's step: the closure (its backward feeds the all-reduce), then
     ``synchronize()`` unless skipped or, where not ``again``, already done. Returns the loss."""
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
+    loss = run_closure(closure)
     if opt._should_synchronize:
         if opt._synchronized:
             warnings.warn("optimizer.step() called without optimizer.skip_synchronize() after "
@@ -588,19 +585,14 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
 
 def _settings(optimizer, names, config, square_dtype) -> dict:
     """What every rank must agree on: hvd_lb's settings and the tensors it reduces, in order."""
-    inner = optimizer.optimizer if isinstance(optimizer, GSNR) else optimizer
-    groups = optimizer.param_groups
-    out = {
-        "GSNR": isinstance(optimizer, GSNR),
-        "optimizer": f"{type(inner).__name__} ({getattr(inner, 'rule_name', '') or type(inner).__module__})",
-        "micro_batches": config["micro_batches"], "square_dtype": square_dtype,
-        "skip_nonfinite": config["skip_nonfinite"], "op": rules.HOROVOD_OPS.get(config["op"], str(config["op"])),
-        "gradient_predivide_factor": float(config["gradient_predivide_factor"]),
-        "tensors (name, shape, dtype, requires_grad)": [
+    gsnr, groups = isinstance(optimizer, GSNR), optimizer.param_groups
+    out = rules.agreement_settings(
+        gsnr, optimizer.optimizer if gsnr else optimizer, config["micro_batches"], square_dtype,
+        config["skip_nonfinite"], config["op"], config["gradient_predivide_factor"],
+        **{"tensors (name, shape, dtype, requires_grad)": [
             [names.get(p, f"param_groups.{i}.{j}"), list(p.shape), str(p.dtype).replace("torch.", ""), p.requires_grad]
-            for i, g in enumerate(groups) for j, p in enumerate(g["params"])],
-    }
-    if out["GSNR"]:
+            for i, g in enumerate(groups) for j, p in enumerate(g["params"])]})
+    if gsnr:
         out["GSNR gamma, momentum, exclude per group"] = [
             [g["gamma"], g["gsnr_momentum"], list(g["gsnr_exclude"])] for g in groups]
     return out

@@ -27,8 +27,8 @@ from typing import Dict, List, Optional
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import (T, compile_kernel, flat, graph_scalar, keep_wide_state, mul_into, real_view, scratch,
-                   specialized_floats)
+from ._ops import (T, compile_kernel, flat, graph_scalar, keep_wide_state, mul_into, real_view, run_closure,
+                   scratch, specialized_floats, state_dtype)
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 
@@ -64,14 +64,9 @@ def unhooked_step(opt: torch.optim.Optimizer, cls: Optional[type] = None):
     return fn.__get__(opt, cls)
 
 
-def _gsnr_slot_dtype(p: torch.Tensor) -> torch.dtype:
-    """p_t's dtype: float32 or wider (bf16/fp16 parameters keep p_t in float32)."""
-    return torch.promote_types(p.dtype, torch.float32)
-
-
 def _gsnr_slot(p: torch.Tensor) -> torch.Tensor:
-    """p_0 = 0."""
-    return torch.zeros_like(p, dtype=_gsnr_slot_dtype(p))
+    """p_0 = 0, in the state dtype (float32 for bf16/fp16 parameters)."""
+    return torch.zeros_like(p, dtype=state_dtype(p))
 
 
 class GSNR(torch.optim.Optimizer):
@@ -264,10 +259,7 @@ class GSNR(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """Run ``closure`` (if given), ĝ into ``p.grad``, the wrapped rule's step, ḡ back."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         self._gsnr_step()
         return loss
 
@@ -301,7 +293,7 @@ class GSNR(torch.optim.Optimizer):
                 st[rules.GSNR_SLOT].copy_(avg)
             else:
                 # The dtype of eagerly built slots, whatever the working dtype: resumes stay exact.
-                st[rules.GSNR_SLOT] = avg.to(_gsnr_slot_dtype(p))
+                st[rules.GSNR_SLOT] = avg.to(state_dtype(p))
             st["gsnr_step"] = t
         self._gsnr_diag = tuple(diag)
 

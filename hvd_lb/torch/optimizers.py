@@ -27,7 +27,7 @@ import torch
 
 from .. import formulas, grouping, rules
 from ._ops import (NARROW, T, compile_kernel, flat, graph_scalar, keep_wide_state, out_kernels, real_view,
-                   scratch, specialized_floats, state_dtype)
+                   run_closure, scratch, specialized_floats, state_dtype)
 from .gsnr import param_name, vr_class
 
 
@@ -199,10 +199,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One update of every parameter that has a gradient."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = run_closure(closure)
         kernel = KERNELS[self.rule.base]
         work, narrow = [], []
         for group in self.param_groups:
