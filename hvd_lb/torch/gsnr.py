@@ -187,7 +187,6 @@ class GSNR(torch.optim.Optimizer):
         float32, the keys older versions lacked filled in).
         """
         hooks = self.optimizer._optimizer_load_state_dict_post_hooks
-        post = list(hooks.values())
         saved = dict(hooks)
         hooks.clear()
         try:
@@ -203,7 +202,7 @@ class GSNR(torch.optim.Optimizer):
             for key in _KEYS:  # saved before the key existed
                 group.setdefault(key, self.defaults[key])
             self._setup_group(group)
-        for hook in post:
+        for hook in saved.values():
             hook(self.optimizer)
 
     def __getstate__(self):
