@@ -36,6 +36,7 @@ from typing import Dict, List
 from .. import rules
 from ..schedules import scaled_lr
 from . import options
+from .demo_common import MODELS
 from .data import FASHION_MNIST_DIR, fashion_mnist_available, fashion_mnist_size
 from .horovodrun import UsageError, build_run_command
 
@@ -64,15 +65,25 @@ WARMUP_EPOCHS = 5.0  # Goyal et al. 2017 (capped at a quarter of the epochs)
 PRESETS = {
     # ≤ 10 minutes on 2 cores: the rows the question needs, 2 seeds.
     "default": {
+        "model": "mlp",
         "optimizers": "momentum:no-warmup,momentum,lars,lamb,tvlars,sngm,vr-momentum,vr-lars,vr-lamb",
         "epochs": 16, "seeds": "0,1", "lr_grid": "0.25,0.5,1,2",
     },
     # A fuller study (hours on 2 cores): every base rule and VR variant, a wider grid,
     # longer training, 3 seeds.
     "full": {
+        "model": "mlp",
         "optimizers": ("momentum:no-warmup,momentum,adam,lars,lamb,tvlars,sngm,"
                        "vr-momentum,vr-adam,vr-lars,vr-lamb,vr-tvlars,vr-sngm"),
         "epochs": 40, "seeds": "0,1,2", "lr_grid": "0.0625,0.125,0.25,0.5,1,2,4",
+    },
+    # The default rows on the CNN (about an hour on 2 cores), and the VR rows again at
+    # k = 16 (the same batch in twice the micro-batches): does GSNR clip differently?
+    "cnn": {
+        "model": "cnn",
+        "optimizers": ("momentum:no-warmup,momentum,lars,lamb,tvlars,sngm,vr-momentum,vr-lars,vr-lamb,"
+                       "vr-momentum@k16,vr-lars@k16,vr-lamb@k16"),
+        "epochs": 12, "seeds": "0,1", "lr_grid": "0.25,0.5,1,2",
     },
 }
 ROW_SUFFIXES = ("no-warmup", "warmup")
@@ -80,11 +91,15 @@ ROW_SUFFIXES = ("no-warmup", "warmup")
 
 def add_arguments(p):
     p.add_argument("--preset", choices=tuple(PRESETS), default="default",
-                   help="default: the 10-minute comparison; full: every rule, wider grid, 40 epochs, 3 seeds")
+                   help="default: the 10-minute comparison; full: every rule, wider grid, 40 epochs, 3 seeds; "
+                        "cnn: the default rows on a small CNN with batch norm, VR rows also at k = 16 (~1 h)")
     p.add_argument("--framework", choices=("torch", "tf"), default="torch")
+    p.add_argument("--model", choices=tuple(MODELS), default=None,
+                   help="mlp (784-128-64-10) or cnn (3 conv-BN blocks); default: the preset's")
     p.add_argument("--optimizers", default=None,
-                   help="comma-separated large-batch rows, NAME or NAME:no-warmup / NAME:warmup "
-                        f"(default: the preset's); NAME is any of: {', '.join(rules.NAMES)}")
+                   help="comma-separated large-batch rows, NAME or NAME:no-warmup / NAME:warmup, each "
+                        "optionally @kN for k = N gradient samples (N / workers micro-batches) instead of "
+                        f"the job's (default: the preset's); NAME is any of: {', '.join(rules.NAMES)}")
     p.add_argument("--batch-size", default=8192, help="large global batch (default 8192)")
     p.add_argument("--epochs", default=None, help="epochs for every row (default: the preset's)")
     p.add_argument("--lr-grid", default=None,
@@ -102,12 +117,19 @@ def add_arguments(p):
 
 
 def parse_rows(text: str) -> List[Dict]:
-    """``"momentum:no-warmup,lars"`` → row specs (key, optimizer, warm-up or not)."""
+    """``"momentum:no-warmup,lars,vr-lamb@k16"`` → row specs (key, optimizer, warm-up or not, k or None)."""
     rows, seen = [], set()
     for item in (s.strip() for s in text.split(",")):
         if not item:
             continue
-        name, _, suffix = item.partition(":")
+        spec, at, k_text = item.partition("@")
+        k = None
+        if at:
+            if not (k_text[:1] == "k" and k_text[1:].isdigit() and int(k_text[1:]) >= 1):
+                raise ValueError(f"invalid --optimizers entry {item!r}: after @ comes kN, N ≥ 1 gradient "
+                                 "samples per step, e.g. vr-lamb@k16")
+            k = int(k_text[1:])
+        name, _, suffix = spec.partition(":")
         if suffix and suffix not in ROW_SUFFIXES:
             raise ValueError(f"invalid --optimizers entry {item!r}: the suffix must be one of "
                              f"{', '.join(':' + s for s in ROW_SUFFIXES)}")
@@ -119,11 +141,11 @@ def parse_rows(text: str) -> List[Dict]:
             raise ValueError(f"invalid --optimizers {text!r}: the demo has no batch-256 rate for {rule.name!r} "
                              f"(it has them for {', '.join(LR_RULES)} and their vr- twins)")
         warmup = (suffix == "warmup") if suffix else rule.base not in NO_WARMUP_RULES
-        key = rule.name + (":" + suffix if suffix else "")
+        key = rule.name + (":" + suffix if suffix else "") + (f"@k{k}" if k else "")
         if key in seen:
             raise ValueError(f"invalid --optimizers {text!r}: {key!r} is listed twice")
         seen.add(key)
-        rows.append({"row": key, "optimizer": rule.name, "warmup": warmup})
+        rows.append({"row": key, "optimizer": rule.name, "warmup": warmup, "k": k})
     if not rows:
         raise ValueError(f"invalid --optimizers {text!r}: name at least one optimizer")
     return rows
@@ -164,6 +186,7 @@ def parse_config(args) -> Dict:
     preset = PRESETS[args.preset]
     pick = lambda v, key: preset[key] if v is None else v  # noqa: E731
     rows = parse_rows(pick(args.optimizers, "optimizers"))
+    arch = pick(getattr(args, "model", None), "model")
     epochs = options.integer("--epochs", pick(args.epochs, "epochs"))
     workers = options.integer("--workers", args.workers)
     batch = options.integer("--batch-size", args.batch_size)
@@ -172,9 +195,18 @@ def parse_config(args) -> Dict:
     micro = options.integer("--micro-batches", max(1, 8 // workers) if args.micro_batches is None
                             else args.micro_batches)
     k = workers * micro
-    if batch % k:
-        raise ValueError(f"invalid --batch-size {batch}: must be divisible by workers × "
-                         f"micro-batches = {workers} × {micro} = {k}")
+    for row in rows:
+        if row["k"] is None:
+            row["k"], row["micro_batches"] = k, micro
+        elif row["k"] % workers:
+            raise ValueError(f"invalid --optimizers entry {row['row']!r}: k = {row['k']} must be a multiple of "
+                             f"--workers {workers} (k = workers × micro-batches)")
+        else:
+            row["micro_batches"] = row["k"] // workers
+        if batch % row["k"]:
+            raise ValueError(f"invalid --batch-size {batch}: must be divisible by workers × micro-batches = "
+                             f"{workers} × {row['micro_batches']} = {row['k']}" +
+                             (f" (row {row['row']})" if row["k"] != k else ""))
     for row in rows:
         center = center_lr(row["optimizer"], batch)
         if not (math.isfinite(center * grid[-1]) and center * grid[0] > 0):
@@ -182,11 +214,13 @@ def parse_config(args) -> Dict:
                              f"{center:g} × [{grid[0]:g}, {grid[-1]:g}] = [{center * grid[0]:g}, "
                              f"{center * grid[-1]:g}] must be finite and positive")
     notes = []  # printed once the options are all valid
-    if any(rules.get_rule(r["optimizer"]).gsnr for r in rows):
-        if k < 2:
-            raise ValueError(f"invalid --micro-batches {micro} with --workers {workers}: VR rows need "
-                             f"k = workers × micro-batches ≥ 2 gradient samples, got k = {workers} × {micro} = {k}")
-        notes = [n for n in [rules.small_k_note(workers, micro)] if n]
+    for row in (r for r in rows if rules.get_rule(r["optimizer"]).gsnr):
+        m = row["micro_batches"]
+        if row["k"] < 2:
+            raise ValueError(f"invalid --micro-batches {m} with --workers {workers}: VR rows need "
+                             f"k = workers × micro-batches ≥ 2 gradient samples, got k = {workers} × {m} = "
+                             f"{row['k']} (row {row['row']})")
+        notes += [n for n in [rules.small_k_note(workers, m)] if n and n not in notes]
     baseline = not args.no_baseline
     if baseline and BASE_BATCH % workers:
         raise ValueError(f"invalid --workers {workers}: the batch-{BASE_BATCH} baseline must split evenly "
@@ -223,7 +257,8 @@ def parse_config(args) -> Dict:
         for m in grid:
             for seed in seeds:
                 runs.append({"row": row["row"], "optimizer": row["optimizer"], "lr": row["center_lr"] * m,
-                             "lr_multiplier": m, "seed": seed, "batch_size": batch, "micro_batches": micro,
+                             "lr_multiplier": m, "seed": seed, "batch_size": batch,
+                             "micro_batches": row["micro_batches"],
                              "warmup_epochs": row["warmup_epochs"]})
     return {
         "preset": args.preset, "framework": args.framework, "rows": rows, "baseline": baseline,
@@ -231,7 +266,7 @@ def parse_config(args) -> Dict:
         "batch_size": batch, "epochs": epochs, "workers": workers, "micro_batches": micro, "k": k,
         "seeds": seeds, "lr_grid": grid, "vr_lr_factor": VR_LR_FACTOR, "warmup_epochs": warmup,
         "train_subset": subset, "weight_decay": weight_decay,
-        "model": "MLP 784-128-64-10 (ReLU)", "n_train": subset or n_total,
+        "arch": arch, "model": MODELS[arch], "n_train": subset or n_total,
         "notes": notes, "runs": runs,
     }
 

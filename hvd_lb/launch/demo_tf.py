@@ -5,7 +5,8 @@ Started by ``hvd-lb demo --framework tf`` through horovodrun. It mirrors
 
 * the same MLP, 784-128-64-10 with ReLU, its weights and biases drawn like
   torch's ``nn.Linear`` defaults, U(±1/√fan_in), so a learning rate means
-  the same thing in both frameworks;
+  the same thing in both frameworks; or the same CNN (``--model cnn``) from
+  the same NumPy-drawn initial weights, shuffled in the same NumPy order;
 * the same data handling: each step's global batch split over ranks, each
   rank's share into M micro-batches whose losses are divided by M (the tape
   sums micro-batch gradients, as Horovod's ``backward_passes_per_step``);
@@ -33,15 +34,37 @@ from . import demo_common as common
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def make_model(keras, seed: int):
-    """The demo MLP, initialised like torch's ``nn.Linear`` defaults from ``seed``."""
+def make_model(keras, arch: str, seed: int):
+    """The demo model: the MLP initialised like torch's ``nn.Linear`` defaults from ``seed``;
+    the CNN (NHWC) from ``common.cnn_weights(seed)``, the numbers the torch worker starts from."""
+    L = keras.layers
+    if arch == "cnn":
+        blocks = [keras.Input((28, 28, 1))]
+        for i, c in enumerate(common.CNN_CHANNELS, 1):
+            # torch's padding=1: symmetric, also for the stride-2 conv ("same" would pad one side).
+            blocks += [L.ZeroPadding2D(1), L.Conv2D(c, 3, strides=2 if i == 1 else 1, use_bias=False,
+                                                    name=f"conv{i}"),
+                       L.BatchNormalization(epsilon=common.BN_EPS, momentum=1 - common.BN_MOMENTUM,
+                                            name=f"bn{i}"),
+                       L.ReLU()]
+            if i == 2:
+                blocks.append(L.MaxPooling2D(2))
+        model = keras.Sequential(blocks + [L.GlobalAveragePooling2D(), L.Dense(10, name="fc")])
+        w = common.cnn_weights(seed)
+        for i in range(1, len(common.CNN_CHANNELS) + 1):
+            model.get_layer(f"conv{i}").kernel.assign(w[f"conv{i}.weight"].transpose(2, 3, 1, 0))  # OIHW → HWIO
+            bn = model.get_layer(f"bn{i}")
+            bn.gamma.assign(w[f"bn{i}.weight"])
+            bn.beta.assign(w[f"bn{i}.bias"])
+        model.get_layer("fc").kernel.assign(w["fc.weight"].T)
+        model.get_layer("fc").bias.assign(w["fc.bias"])
+        return model
 
     def init(fan_in, s):
         bound = 1.0 / math.sqrt(fan_in)
         return keras.initializers.RandomUniform(-bound, bound, seed=seed * 100 + s)
 
     h1, h2 = common.HIDDEN
-    L = keras.layers
     return keras.Sequential([
         keras.Input((784,)),
         L.Dense(h1, activation="relu", kernel_initializer=init(784, 1), bias_initializer=init(784, 2)),
@@ -73,6 +96,9 @@ def main(cfg_path: str) -> None:
     if cfg["train_subset"]:
         x_train, y_train = x_train[:cfg["train_subset"]], y_train[:cfg["train_subset"]]
     x_train, x_test = common.standardize(x_train, x_test)
+    arch = cfg.get("arch", "mlp")
+    if arch == "cnn":  # NHWC images
+        x_train, x_test = x_train.reshape(-1, 28, 28, 1), x_test.reshape(-1, 28, 28, 1)
     n_train = len(x_train)
     x_eval, y_eval = x_train[:10000][rank::size], y_train[:10000][rank::size]
     x_test, y_test = x_test[rank::size], y_test[rank::size]
@@ -88,7 +114,7 @@ def main(cfg_path: str) -> None:
         local, micro, micro_size = plan["local"], plan["micro"], plan["micro_size"]
         batch = run["batch_size"]
         keras.utils.set_random_seed(run["seed"])
-        model = make_model(keras, run["seed"])
+        model = make_model(keras, arch, run["seed"])
         lb.broadcast_variables(model.variables, root_rank=0)
         sched = lb.WarmupDecay(run["lr"], warmup_steps=plan["warmup_steps"], total_steps=plan["total_steps"],
                                decay="cosine")
@@ -130,6 +156,9 @@ def main(cfg_path: str) -> None:
             loss_sum = sum(float(v) for v in step_losses)
             train_loss = float(hvd.allreduce(tf.constant(loss_sum / plan["steps_per_epoch"], tf.float64),
                                              op=hvd.Average, name="train_loss"))
+            # Batch norm's moving statistics: their mean over ranks, as the torch worker.
+            for v in model.non_trainable_variables:
+                v.assign(hvd.allreduce(v, op=hvd.Average, name="buffer." + v.path.replace("/", ".")))
             counts = [count_correct(predict, x_test, y_test), len(x_test),
                       count_correct(predict, x_eval, y_eval), len(x_eval)]
             tot = hvd.allreduce(tf.constant(counts, tf.float64), op=hvd.Sum, name="eval").numpy()
