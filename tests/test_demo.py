@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from hvd_lb import rules
-from hvd_lb.launch import cli, demo, demo_report
+from hvd_lb.launch import cli, demo, demo_common, demo_report
 from tests.hvdrun import ROOT, horovod_env
 
 
@@ -36,8 +36,20 @@ def config(*argv):
      "batch-256 baseline must split evenly"),
     (["--train-subset", "100"], "invalid --train-subset 100"),
     (["--weight-decay", "-1"], "invalid --weight-decay"),
+    (["--optimizers", "vr-lamb@16"], "after @ comes kN"),
+    (["--optimizers", "vr-lamb@k0"], "after @ comes kN"),
+    (["--optimizers", "lars@k3"], "k = 3 must be a multiple of --workers 2"),
+    (["--optimizers", "lars@k16,lars@k16"], "'lars@k16' is listed twice"),
+    (["--optimizers", "vr-lars@k1", "--workers", "1"], "k = 1 × 1 = 1 (row vr-lars@k1)"),
+    (["--optimizers", "lars@k6", "--batch-size", "8192"], "divisible by workers × micro-batches = 2 × 3 = 6 (row lars@k6)"),
+    (["--model", "resnet"], "SystemExit"),
 ])
-def test_bad_options_raise_one_clear_value_error(argv, needle):
+def test_bad_options_raise_one_clear_value_error(argv, needle, capsys):
+    if needle == "SystemExit":  # argparse's choices: usage error naming the allowed values
+        with pytest.raises(SystemExit):
+            config(*argv)
+        assert "invalid choice: 'resnet' (choose from mlp, cnn)" in capsys.readouterr().err.replace("'mlp', 'cnn'", "mlp, cnn")
+        return
     with pytest.raises(ValueError) as e:
         config(*argv)
     assert needle in str(e.value)
@@ -95,6 +107,51 @@ def test_full_preset_is_longer_and_wider():
     assert {r["row"] for r in d["rows"]} < {r["row"] for r in f["rows"]}
 
 
+def test_cnn_preset_runs_the_default_rows_on_the_cnn_and_the_vr_rows_again_at_k16():
+    d, c = config(), config("--preset", "cnn")
+    assert d["arch"] == "mlp" and c["arch"] == "cnn" and "CNN" in c["model"]
+    assert c["seeds"] == d["seeds"] and c["lr_grid"] == d["lr_grid"]
+    base_rows = [r["row"] for r in d["rows"]]
+    assert [r["row"] for r in c["rows"]] == base_rows + ["vr-momentum@k16", "vr-lars@k16", "vr-lamb@k16"]
+    for r in c["rows"]:
+        assert (r["k"], r["micro_batches"]) == ((16, 8) if r["row"].endswith("@k16") else (8, 4))
+    k16 = [r for r in c["runs"] if r["row"] == "vr-lamb@k16"]
+    assert {r["micro_batches"] for r in k16} == {8} and {r["lr"] for r in k16} == \
+        {r["lr"] for r in c["runs"] if r["row"] == "vr-lamb"}
+    assert len(c["runs"]) == 2 + 12 * 4 * 2
+    assert config("--preset", "cnn", "--model", "mlp")["arch"] == "mlp"
+
+
+def test_layer_types_of_both_frameworks_names():
+    lt = demo_common.layer_type
+    assert [lt(n) for n in ("conv2.weight", "bn1.bias", "fc.weight", "0.weight")] == \
+        ["conv", "batch norm", "linear", "linear"]
+    assert [lt(n) for n in ("sequential/conv3/kernel", "sequential_1/bn2/gamma", "fc/bias")] == \
+        ["conv", "batch norm", "linear"]
+
+
+def test_torch_and_tf_cnn_start_from_the_same_numbers():
+    """The same NumPy-drawn weights give the same logits in both frameworks (batch statistics
+    in training mode, running statistics in eval mode)."""
+    pytest.importorskip("tensorflow")
+    import keras
+    import numpy as np
+    import torch
+
+    from hvd_lb.launch import demo_tf, demo_torch
+
+    x = np.random.default_rng(0).standard_normal((64, 28, 28, 1)).astype(np.float32)
+    tm = demo_torch.make_model(torch, "cnn", 3)
+    km = demo_tf.make_model(keras, "cnn", 3)
+    assert sum(p.numel() for p in tm.parameters()) == km.count_params() - 2 * sum(demo_common.CNN_CHANNELS)
+    for train in (True, False):
+        tm.train(train)
+        with torch.no_grad():
+            t = tm(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+        k = np.asarray(km(x, training=train))
+        np.testing.assert_allclose(k, t, atol=2e-5, rtol=1e-4)
+
+
 # --- the summary ----------------------------------------------------------------------
 
 def fake_run(row, lr, seed, accs, stable=True, spe=7):
@@ -135,6 +192,34 @@ def test_summary_picks_the_best_rate_only_among_stable_ones():
     table = demo_report.format_table(small_config(), rows, wall_s=12.0)
     assert "no stable rate" in table and "none (0/3)" in table and "0.5–1 (2/3)" in table
     assert "Wall time of the whole job: 12 s" in table
+
+
+def test_layer_type_report_table_and_picture(tmp_path):
+    cfg = {**small_config(), "arch": "cnn"}
+    cfg["rows"].append({"row": "vr-lars@k16", "optimizer": "vr-lars", "warmup_epochs": 1.0, "lr_rule": "linear",
+                        "rule_lr": 1.0, "center_lr": 2.0, "k": 16})
+
+    def with_types(run, g, c):
+        run["gsnr_log10_by_type"] = {"conv": [g, g - 0.5], "batch norm": [g + 0.1, None]}
+        run["clipped_by_type"] = {"conv": [c, c + 0.1], "batch norm": [c, None]}
+        return run
+
+    raw = [fake_run("baseline", 0.1, s, [0.8, 0.85], spe=234) for s in (0, 1)]
+    raw += [fake_run("lars", 1.0, s, [0.6, 0.7]) for s in (0, 1)]
+    raw += [with_types(fake_run("vr-lars", 2.0, s, [0.6, 0.7]), 1.0 + s, 0.2) for s in (0, 1)]
+    raw += [with_types(fake_run("vr-lars@k16", 2.0, s, [0.6, 0.7]), 0.5, 0.4) for s in (0, 1)]
+    rows = demo_report.summarize(cfg, raw)
+    assert [r.get("k") for r in rows] == [None, 8, 8, 16]
+    data = demo_report.by_layer_type(cfg, raw, rows)
+    assert set(data) == {"vr-lars", "vr-lars@k16"} and data["vr-lars@k16"]["k"] == 16
+    conv = data["vr-lars"]["types"]["conv"]
+    assert conv["gsnr_log10_by_type"] == [1.5, 1.0] and math.isclose(conv["clipped_by_type_mean"], 0.25)
+    assert data["vr-lars"]["types"]["batch norm"]["gsnr_log10_by_type"] == [1.6]  # None epochs dropped
+    table = demo_report.format_layer_types(cfg, raw, rows)
+    assert "| vr-lars@k16 | 16 | 2 | 0.60 → 0.60 | 0.50 → 0.00 |" in table
+    assert "rows @k16: 8 micro-batches, k = 16" in demo_report.format_table(cfg, rows)
+    demo_report.plot(cfg, raw, rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 20000
 
 
 def test_late_gain_is_the_flattening_criterion():
@@ -191,3 +276,31 @@ def test_tiny_tf_run(tmp_path):
     assert [r["row"] for r in res["summary"]] == ["momentum", "vr-momentum"]
     assert all(len(r["test_acc"]) >= 1 for r in res["runs"])
     assert all(0.0 <= a <= 1.0 for r in res["runs"] for a in r["test_acc"] + r["train_acc"])
+
+
+@pytest.mark.multiprocess
+def test_cnn_tiny_run_torch_and_tf_agree(tmp_path):
+    """Same initial weights, same order: the two frameworks' CNN runs (VR at k = 8 and 16) give
+    the same accuracies and per-layer-type GSNR up to float32 rounding; --report redraws them."""
+    pytest.importorskip("tensorflow")
+    res = {}
+    for fw in ("torch", "tf"):
+        cmd = [sys.executable, "-m", "hvd_lb.launch", "demo", "--framework", fw, "--model", "cnn",
+               "--optimizers", "vr-lamb,vr-lamb@k16", "--lr-grid", "1", "--seeds", "0", "--epochs", "2",
+               "--no-baseline", "--train-subset", "16384", "--out-dir", str(tmp_path / fw)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=horovod_env(), capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "GSNR per layer type" in proc.stdout
+        res[fw] = json.loads((tmp_path / fw / "results.json").read_text())
+    for t, k in zip(res["torch"]["runs"], res["tf"]["runs"]):
+        assert (t["row"], t["micro_batches"]) == (k["row"], k["micro_batches"])
+        assert max(abs(a - b) for a, b in zip(t["test_acc"], k["test_acc"])) < 2e-3
+        for kind in ("conv", "batch norm", "linear"):
+            a, b = t["gsnr_log10_by_type"][kind], k["gsnr_log10_by_type"][kind]
+            assert max(abs(x - y) for x, y in zip(a, b)) < 0.01, (kind, a, b)
+    (tmp_path / "torch" / "results.png").unlink()
+    proc = subprocess.run([sys.executable, "-m", "hvd_lb.launch", "demo", "--report",
+                           str(tmp_path / "torch" / "results.json")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "| vr-lamb@k16 |" in proc.stdout, proc.stderr[-2000:]
+    assert (tmp_path / "torch" / "results.png").stat().st_size > 20000

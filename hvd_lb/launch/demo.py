@@ -114,6 +114,9 @@ def add_arguments(p):
     p.add_argument("--weight-decay", default=5e-4, help="λ of every row (default 5e-4)")
     p.add_argument("--out-dir", default="out/demo", help="created if missing; must be writable")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
+    p.add_argument("--report", default=None, metavar="RESULTS_JSON",
+                   help="train nothing: print the table and redraw the picture of a finished job's "
+                        "results.json (next to it)")
 
 
 def parse_rows(text: str) -> List[Dict]:
@@ -381,9 +384,31 @@ def run_job(config: Dict, out_dir: str, controller: str) -> List[Dict]:
         return json.load(f)
 
 
+def report_only(path: str) -> int:
+    """``--report``: the table and picture of a finished job from its results.json."""
+    from . import demo_report as report
+
+    if not os.path.isfile(path):
+        raise ValueError(f"invalid --report {path!r}: no such file (a results.json that hvd-lb demo wrote)")
+    with open(path) as f:
+        result = json.load(f)
+    config, raw = result["config"], result["runs"]
+    summary = report.summarize(config, raw)
+    print(report.format_table(config, summary, result.get("total_wall_time_s")))
+    layers = report.format_layer_types(config, raw, summary)
+    if layers:
+        print("\n" + layers)
+    png = os.path.join(os.path.dirname(path) or ".", "results.png")
+    report.plot(config, raw, summary, png)
+    print(f"\nwrote {png}")
+    return 0
+
+
 def main(args) -> int:
     from . import demo_report as report
 
+    if getattr(args, "report", None):
+        return report_only(args.report)
     t0 = time.time()
     config = parse_config(args)
     out_dir = options.writable_dir("--out-dir", args.out_dir)
@@ -400,8 +425,11 @@ def main(args) -> int:
     table = report.format_table(config, summary, wall)
     print()
     print(table)
+    layers = report.format_layer_types(config, raw, summary)
+    if layers:
+        print("\n" + layers)
     result = {"config": {k: v for k, v in config.items() if k != "runs"}, "summary": summary, "runs": raw,
-              "total_wall_time_s": wall}
+              "by_layer_type": report.by_layer_type(config, raw, summary), "total_wall_time_s": wall}
     json_path, png_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.png")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)

@@ -50,7 +50,7 @@ def _rows(config: Dict) -> List[Dict]:
                      "batch_size": config["base_batch"], "lr_rule": "fixed"})
     for r in config["rows"]:
         rows.append({**{k: r[k] for k in ("row", "optimizer", "warmup_epochs", "lr_rule")},
-                     "batch_size": config["batch_size"]})
+                     "batch_size": config["batch_size"], "k": r.get("k", config["k"])})
     return rows
 
 
@@ -118,9 +118,12 @@ def _fmt(x: float, spec: str, none: str = "n/a") -> str:
 def format_table(config: Dict, rows: List[Dict], wall_s: Optional[float] = None) -> str:
     """A Markdown table (readable in a terminal, pasteable into README)."""
     seeds = config["seeds"]
+    other_k = sorted({r["k"] for r in rows if r.get("k", config["k"]) != config["k"]})
     head = (f"Fashion-MNIST (60k train / 10k test), {config['model']}, {config['framework']}; "
             f"large batch {config['batch_size']} = {config['workers']} workers × {config['micro_batches']} "
-            f"micro-batches (k = {config['k']}); {config['epochs']} epochs for every row; "
+            f"micro-batches (k = {config['k']}"
+            + "".join(f"; rows @k{k}: {k // config['workers']} micro-batches, k = {k}" for k in other_k)
+            + f"); {config['epochs']} epochs for every row; "
             f"seeds {','.join(map(str, seeds))}; lr grid × {','.join(f'{g:g}' for g in config['lr_grid'])} "
             f"around each rule's scaled rate (VR rules × {config['vr_lr_factor']:g})")
     if config.get("train_subset"):
@@ -173,28 +176,35 @@ def format_table(config: Dict, rows: List[Dict], wall_s: Optional[float] = None)
 
 
 def plot(config: Dict, raw: List[Dict], rows: List[Dict], path: str) -> None:
-    """(a) test accuracy vs epoch, (b) best accuracy vs lr multiplier, (c) GSNR over training."""
+    """(a) test accuracy vs epoch, (b) best accuracy vs lr multiplier, (c) GSNR over training;
+    for the CNN also (d)–(f): GSNR and the clipped share per layer type (``by_layer_type``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 6.6))
+    per_type = config.get("arch") == "cnn"
+    if per_type:
+        fig, axes = plt.subplots(2, 3, figsize=(18, 12.4))
+        (ax1, ax2, ax3), lower = axes
+    else:
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 6.6))
     colors = plt.get_cmap("tab10")
     bases = []
     for r in rows:
-        key = r["optimizer"].replace("vr-", "") + (":nw" if r["row"].endswith(":no-warmup") else "")
+        key = r["optimizer"].replace("vr-", "") + (":nw" if ":no-warmup" in r["row"] else "")
         if r["row"] != "baseline" and key not in bases:
             bases.append(key)
 
     def style(r):
         if r["row"] == "baseline":
             return {"color": "black", "ls": "--", "lw": 2.2}
-        key = r["optimizer"].replace("vr-", "") + (":nw" if r["row"].endswith(":no-warmup") else "")
+        key = r["optimizer"].replace("vr-", "") + (":nw" if ":no-warmup" in r["row"] else "")
         vr = r["optimizer"].startswith("vr-")
-        return {"color": colors(bases.index(key) % 10), "ls": ":" if vr else "-", "lw": 1.6,
-                "marker": "o" if vr else None, "ms": 3}
+        other_k = r.get("k", config["k"]) != config["k"]  # a NAME@kN row: dash-dot, squares
+        return {"color": colors(bases.index(key) % 10), "ls": "-." if other_k else ":" if vr else "-",
+                "lw": 1.6, "marker": "s" if other_k else "o" if vr else None, "ms": 3}
 
     # (a) curves at each row's best stable rate
     for r in rows:
@@ -270,6 +280,96 @@ def plot(config: Dict, raw: List[Dict], rows: List[Dict], path: str) -> None:
         ax3.text(0.5, 0.5, "no VR row run", ha="center", va="center")
     ax3.set_title(f"(c) GSNR over training (k = {config['k']}, docs/SPEC.md §2)", fontsize=10)
     ax3.grid(alpha=0.3)
+    if per_type:
+        _plot_layer_types(config, raw, rows, lower, np)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def by_layer_type(config: Dict, raw: List[Dict], rows: List[Dict]) -> Dict:
+    """Per VR row at its best stable rate: mean log10 GSNR and clipped share per layer type,
+    per epoch (mean over seeds) and over the whole run."""
+    out = {}
+    for r in rows:
+        if not r["optimizer"].startswith("vr-") or r["best_lr"] is None:
+            continue
+        runs = [x for x in raw if x["row"] == r["row"] and x["lr"] == r["best_lr"]]
+        entry = {"k": r.get("k", config["k"]), "lr": r["best_lr"], "types": {}}
+        for kind in sorted({t for x in runs for t in x.get("gsnr_log10_by_type", {})}):
+            per = {}
+            for key in ("gsnr_log10_by_type", "clipped_by_type"):
+                curves = [[v for v in x[key][kind] if v is not None] for x in runs if kind in x[key]]
+                n = min(len(c) for c in curves)
+                per[key] = [sum(c[e] for c in curves) / len(curves) for e in range(n)]
+                per[key + "_mean"] = (sum(sum(c) for c in curves) / sum(len(c) for c in curves)
+                                      if any(curves) else NAN)
+            entry["types"][kind] = per
+        out[r["row"]] = entry
+    return out
+
+
+def format_layer_types(config: Dict, raw: List[Dict], rows: List[Dict]) -> str:
+    """A Markdown table of ``by_layer_type``: first epoch, last epoch and run mean per type."""
+    data = by_layer_type(config, raw, rows)
+    kinds = sorted({t for e in data.values() for t in e["types"]})
+    if not kinds:
+        return ""
+    cols = ["VR row", "k", "lr"] + [f"{t}: log10 GSNR first→last ep" for t in kinds] + \
+        [f"{t}: clipped % (mean, first→last ep)" for t in kinds]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for name, e in data.items():
+        cells = [name, str(e["k"]), f"{e['lr']:.3g}"]
+        for t in kinds:
+            g = e["types"].get(t, {}).get("gsnr_log10_by_type", [])
+            cells.append(f"{g[0]:.2f} → {g[-1]:.2f}" if g else "n/a")
+        for t in kinds:
+            d = e["types"].get(t, {})
+            c = d.get("clipped_by_type", [])
+            cells.append(f"{100 * d['clipped_by_type_mean']:.1f} ({100 * c[0]:.1f} → {100 * c[-1]:.1f})"
+                         if c else "n/a")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(["GSNR per layer type, VR rows at their best stable rate (mean over seeds):", ""] + lines)
+
+
+def _plot_layer_types(config: Dict, raw: List[Dict], rows: List[Dict], axes, np) -> None:
+    """(d) log10 GSNR and (e) clipped share per layer type over training, mean over the VR rows
+    (solid: the job's k, dashed: other k); (f) each VR row's clipped share per layer type."""
+    ax4, ax5, ax6 = axes
+    data = by_layer_type(config, raw, rows)
+    kinds = sorted({t for e in data.values() for t in e["types"]})
+    colors = {t: c for t, c in zip(kinds, ("tab:blue", "tab:orange", "tab:green", "tab:red"))}
+    ks = sorted({e["k"] for e in data.values()})
+    for ax, key, label in ((ax4, "gsnr_log10_by_type", "log10 mean GSNR"),
+                           (ax5, "clipped_by_type", "share of elements clipped at γ")):
+        for kind in kinds:
+            for k in ks:
+                curves = [e["types"][kind][key] for e in data.values() if e["k"] == k and kind in e["types"]]
+                if not curves:
+                    continue
+                n = min(len(c) for c in curves)
+                mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+                ax.plot(np.arange(1, n + 1), mean, color=colors[kind], ls="-" if k == config["k"] else "--",
+                        lw=1.8, label=f"{kind}, k = {k} ({len(curves)} VR rows)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if kinds:
+            ax.legend(fontsize=7)
+    ax4.set_title("(d) GSNR per layer type (mean over the VR rows at their best rate)", fontsize=10)
+    ax5.set_title("(e) clipped share per layer type (same runs)", fontsize=10)
+    names = list(data)
+    width = 0.8 / max(1, len(kinds))
+    for j, kind in enumerate(kinds):
+        vals = [100 * data[n]["types"].get(kind, {}).get("clipped_by_type_mean", NAN) for n in names]
+        ax6.bar(np.arange(len(names)) + (j - (len(kinds) - 1) / 2) * width, vals, width, color=colors[kind],
+                label=kind)
+    ax6.set_xticks(np.arange(len(names)))
+    ax6.set_xticklabels(names, rotation=20, fontsize=8)
+    ax6.set_ylabel("clipped share over training (%)")
+    ax6.set_title("(f) clipped share per VR row and layer type", fontsize=10)
+    ax6.grid(alpha=0.3, axis="y")
+    if names:
+        ax6.legend(fontsize=7)
+    else:
+        ax6.text(0.5, 0.5, "no VR row with a stable rate", ha="center", va="center")
