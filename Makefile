@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-multiprocess demo doctor
+.PHONY: install test test-fast test-multiprocess demo demo-cnn doctor
 
 install:
 	bash scripts/install.sh
@@ -19,6 +19,9 @@ test-multiprocess: install
 
 demo: install
 	$(PY) -m hvd_lb.launch demo
+
+demo-cnn: install   # about an hour on 2 cores (README, Results on a CNN)
+	$(PY) -m hvd_lb.launch demo --preset cnn --out-dir out/demo_cnn
 
 doctor:
 	python3 -m hvd_lb.launch doctor
