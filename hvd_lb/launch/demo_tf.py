@@ -41,14 +41,12 @@ def make_model(keras, arch: str, seed: int):
     if arch == "cnn":
         blocks = [keras.Input((28, 28, 1))]
         for i, c in enumerate(common.CNN_CHANNELS, 1):
-            # torch's padding=1: symmetric, also for the stride-2 conv ("same" would pad one side).
-            blocks += [L.ZeroPadding2D(1), L.Conv2D(c, 3, strides=2 if i == 1 else 1, use_bias=False,
+            # torch's padding=1: symmetric, also for the stride-2 convs ("same" would pad one side).
+            blocks += [L.ZeroPadding2D(1), L.Conv2D(c, 3, strides=2 if i < 3 else 1, use_bias=False,
                                                     name=f"conv{i}"),
                        L.BatchNormalization(epsilon=common.BN_EPS, momentum=1 - common.BN_MOMENTUM,
                                             name=f"bn{i}"),
                        L.ReLU()]
-            if i == 2:
-                blocks.append(L.MaxPooling2D(2))
         model = keras.Sequential(blocks + [L.GlobalAveragePooling2D(), L.Dense(10, name="fc")])
         w = common.cnn_weights(seed)
         for i in range(1, len(common.CNN_CHANNELS) + 1):

@@ -28,11 +28,9 @@ def make_model(torch, arch: str, seed: int):
         return nn.Sequential(nn.Linear(784, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 10))
     layers, c_in = OrderedDict(), 1
     for i, c in enumerate(common.CNN_CHANNELS, 1):
-        layers[f"conv{i}"] = nn.Conv2d(c_in, c, 3, stride=2 if i == 1 else 1, padding=1, bias=False)
+        layers[f"conv{i}"] = nn.Conv2d(c_in, c, 3, stride=2 if i < 3 else 1, padding=1, bias=False)
         layers[f"bn{i}"] = nn.BatchNorm2d(c, eps=common.BN_EPS, momentum=common.BN_MOMENTUM)
         layers[f"relu{i}"] = nn.ReLU()
-        if i == 2:
-            layers["pool"] = nn.MaxPool2d(2)
         c_in = c
     layers.update(gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(c_in, 10))
     model = nn.Sequential(layers)
