@@ -222,6 +222,23 @@ def test_layer_type_report_table_and_picture(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 20000
 
 
+def test_report_of_a_stopped_job_uses_the_runs_it_finished(tmp_path, capsys):
+    job = tmp_path / "job"
+    job.mkdir()
+    cfg = {**small_config(), "arch": "mlp", "train_subset": None,
+           "runs": [{"row": "baseline"}] * 2 + [{"row": "lars"}] * 6 + [{"row": "vr-lars"}] * 6}
+    raw = [fake_run("baseline", 0.1, s, [0.80, 0.85], spe=234) for s in (0, 1)]
+    raw += [fake_run("lars", 1.0, s, [0.6, 0.7]) for s in (0, 1)]
+    (job / "config.json").write_text(json.dumps(cfg))
+    (job / "raw.json").write_text(json.dumps(raw))
+    assert demo.report_only(str(job) + "/") == 0
+    out = capsys.readouterr().out
+    assert "4 of 14 runs finished" in out and "| lars |" in out and "vr-lars" not in out
+    assert (tmp_path / "results.png").exists()
+    with pytest.raises(ValueError, match="invalid --report"):
+        demo.report_only(str(tmp_path / "nothing"))
+
+
 def test_late_gain_is_the_flattening_criterion():
     assert math.isclose(demo_report.late_gain([0.5, 0.8, 0.85, 0.86, 0.864]), 100 * (0.864 - 0.86))
     assert demo_report.late_gain([0.5]) != demo_report.late_gain([0.5])  # nan: too short to tell

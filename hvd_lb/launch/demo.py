@@ -114,9 +114,9 @@ def add_arguments(p):
     p.add_argument("--weight-decay", default=5e-4, help="λ of every row (default 5e-4)")
     p.add_argument("--out-dir", default="out/demo", help="created if missing; must be writable")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
-    p.add_argument("--report", default=None, metavar="RESULTS_JSON",
-                   help="train nothing: print the table and redraw the picture of a finished job's "
-                        "results.json (next to it)")
+    p.add_argument("--report", default=None, metavar="PATH",
+                   help="train nothing: print the table and redraw the picture (next to PATH) of a finished "
+                        "job's results.json, or of the runs a stopped job finished (its <out-dir>/job folder)")
 
 
 def parse_rows(text: str) -> List[Dict]:
@@ -372,6 +372,8 @@ def run_job(config: Dict, out_dir: str, controller: str) -> List[Dict]:
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()
+            if os.path.exists(raw_path):
+                print(f"\nthe runs it finished: hvd-lb demo --report {job}", file=sys.stderr)
             raise
         finally:
             progress.close()
@@ -379,7 +381,8 @@ def run_job(config: Dict, out_dir: str, controller: str) -> List[Dict]:
         with open(log_path, errors="replace") as f:
             tail = f.read().splitlines()[-60:]
         print("\n".join(tail), file=sys.stderr)
-        raise UsageError(f"horovodrun exited with code {rc}; the last lines of {log_path} are above")
+        kept = (f"; the runs it finished: hvd-lb demo --report {job}" if os.path.exists(raw_path) else "")
+        raise UsageError(f"horovodrun exited with code {rc}; the last lines of {log_path} are above{kept}")
     with open(raw_path) as f:
         return json.load(f)
 
@@ -388,17 +391,29 @@ def report_only(path: str) -> int:
     """``--report``: the table and picture of a finished job from its results.json."""
     from . import demo_report as report
 
-    if not os.path.isfile(path):
-        raise ValueError(f"invalid --report {path!r}: no such file (a results.json that hvd-lb demo wrote)")
-    with open(path) as f:
-        result = json.load(f)
-    config, raw = result["config"], result["runs"]
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "raw.json")):
+        # A stopped job's folder (<out-dir>/job): its config and the runs it finished.
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(path, "raw.json")) as f:
+            raw = json.load(f)
+        result = {}
+        print(f"{len(raw)} of {len(config['runs'])} runs finished", flush=True)
+        config["rows"] = [r for r in config["rows"] if any(x["row"] == r["row"] for x in raw)]
+        config["baseline"] = config["baseline"] and any(x["row"] == "baseline" for x in raw)
+    elif os.path.isfile(path):
+        with open(path) as f:
+            result = json.load(f)
+        config, raw = result["config"], result["runs"]
+    else:
+        raise ValueError(f"invalid --report {path!r}: not a results.json that hvd-lb demo wrote, nor a job "
+                         "folder (<out-dir>/job) with config.json and raw.json")
     summary = report.summarize(config, raw)
     print(report.format_table(config, summary, result.get("total_wall_time_s")))
     layers = report.format_layer_types(config, raw, summary)
     if layers:
         print("\n" + layers)
-    png = os.path.join(os.path.dirname(path) or ".", "results.png")
+    png = os.path.join(os.path.dirname(os.path.normpath(path)), "results.png")
     report.plot(config, raw, summary, png)
     print(f"\nwrote {png}")
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 
@@ -158,6 +159,10 @@ def add_gsnr(rec: dict, diagnostics: dict) -> None:
 
 
 def write_results(cfg: dict, results: list, rank: int) -> None:
+    """Rank 0 rewrites the raw records after every run (atomically): a job stopped after an
+    hour keeps the runs it finished (``hvd-lb demo --report <out-dir>/job``)."""
     if rank == 0:
-        with open(cfg["raw_path"], "w") as f:
+        tmp = cfg["raw_path"] + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(results, f)
+        os.replace(tmp, cfg["raw_path"])

@@ -163,7 +163,7 @@ def main(cfg_path: str) -> None:
             if not common.end_epoch(rec, i, epoch, train_loss, tot, progress):
                 break
         results.append(common.end_run(rec, i, progress))
-    common.write_results(cfg, results, rank)
+        common.write_results(cfg, results, rank)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def main(cfg_path: str) -> None:
             if not common.end_epoch(rec, i, epoch, train_loss, tot.tolist(), progress):
                 break
         results.append(common.end_run(rec, i, progress))
-    common.write_results(cfg, results, rank)
+        common.write_results(cfg, results, rank)
 
 
 if __name__ == "__main__":
