@@ -83,7 +83,7 @@ PRESETS = {
         "model": "cnn",
         "optimizers": ("momentum:no-warmup,momentum,lars,lamb,tvlars,sngm,vr-momentum,vr-lars,vr-lamb,"
                        "vr-momentum@k16,vr-lars@k16,vr-lamb@k16"),
-        "epochs": 16, "seeds": "0,1", "lr_grid": "0.25,0.5,1,2",
+        "epochs": 10, "seeds": "0,1", "lr_grid": "0.25,0.5,1,2",
     },
 }
 ROW_SUFFIXES = ("no-warmup", "warmup")
