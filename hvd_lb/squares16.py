@@ -53,8 +53,13 @@ def next_exponent(max_s: float, workers: int, predivide: float = 1.0,
         return previous
     if max_s == 0:
         return 0 if previous is None else previous
-    e = math.floor(WIRE_PEAK_LOG2 + math.log2(predivide) - math.log2(workers) - math.log2(max_s))
+    e = math.frexp(peak_ratio(max_s, workers, predivide))[1] - 1  # ⌊log₂ y⌋, exact in float64
     return max(MIN_EXPONENT, min(MAX_EXPONENT, e))
+
+
+def peak_ratio(max_s, workers, predivide=1.0):
+    """y = 2^13·f/(W·max_s) in float64, in this order on every backend: e = ⌊log₂ y⌋."""
+    return (2.0 ** WIRE_PEAK_LOG2 * predivide) / (workers * max_s)
 
 
 def needs_redo(max16: float, mean_nonzero: bool) -> bool:

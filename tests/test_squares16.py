@@ -138,3 +138,17 @@ def test_ddp_np2(tmp_path):
     ranks = read_rank_json(tmp_path, 2)
     check(ranks, 1e-10, True)
     _exponents_follow_the_rule(ranks, True)
+
+
+@pytest.mark.multiprocess
+def test_tf_horovod_np2(tmp_path):
+    run_horovod([WORKER, "tf", tmp_path], np=2, timeout=400)
+    check(read_rank_json(tmp_path, 2), 1e-10, False)
+
+
+@pytest.mark.multiprocess
+def test_tf_horovod_one_process(tmp_path):
+    proc = subprocess.run([sys.executable, str(WORKER), "tf", str(tmp_path)], env=horovod_env(),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check(read_rank_json(tmp_path, 1), 1e-10, False)

@@ -99,6 +99,9 @@ def add_arguments(p):
     p.add_argument("--weight-decay", default=5e-4, help="λ of every row (default 5e-4)")
     p.add_argument("--out-dir", default="out/demo", help="created if missing; must be writable")
     p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo")
+    p.add_argument("--square-dtype", choices=("float32", "float16"), default=None,
+                   help="VR rows: the dtype s travels in (default float32; float16: scaled, SPEC §1)")
+    p.add_argument("--gsnr-interval", default=1, help="VR rows: reduce s every N-th step (default 1)")
 
 
 def parse_rows(text: str) -> List[Dict]:
@@ -233,6 +236,8 @@ def parse_config(args) -> Dict:
         "train_subset": subset, "weight_decay": weight_decay,
         "model": "MLP 784-128-64-10 (ReLU)", "n_train": subset or n_total,
         "notes": notes, "runs": runs,
+        "square_dtype": getattr(args, "square_dtype", None),
+        "gsnr_interval": options.integer("--gsnr-interval", getattr(args, "gsnr_interval", 1)),
     }
 
 

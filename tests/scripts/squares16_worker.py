@@ -24,7 +24,7 @@ STEPS = 6
 JUMP_STEP, JUMPS = 4, [2.0 ** 6, 2.0 ** -16, 1.0, 1.0]
 HP = {"weight_decay": 0.01, "gamma": 0.3, "lr": 0.01}
 CASES = [(name, dtype, n) for name in ("vr-sgd", "vr-momentum", "vr-lamb")
-         for dtype, n in (("float16", 1), ("float16", 3), ("float32", 3))]
+         for dtype, n in (("float16", 1), ("float16", 3), (None, 3))]
 
 
 def init_params():
@@ -142,6 +142,7 @@ def run_tf(out_dir):
     import tensorflow as tf
     import horovod.tensorflow as hvd
     import hvd_lb.tf as lbtf
+    from hvd_lb import rules
     from hvd_lb.tf import _squares16 as S
 
     hvd.init()
@@ -155,14 +156,14 @@ def run_tf(out_dir):
     out = {}
     for case in cases(W):
         name, dtype, n, M = case
-        vs = [keras.Variable(a.astype(np.float32), name=f"v{i}") for i, a in enumerate(init_params())]
-        opt = lbtf.DistributedOptimizer(lbtf.create(name, **hp_for(name)), micro_batches=M,
+        vs = [keras.Variable(a, dtype="float64", name=f"v{i}") for i, a in enumerate(init_params())]
+        opt = lbtf.DistributedOptimizer(lbtf.create(name, **rules.to_keras(hp_for(name))), micro_batches=M,
                                         square_dtype=dtype, gsnr_interval=n)
         steps = []
         for step in range(1, STEPS + 1):
             record.clear()
             for m in range(M):
-                opt.apply([tf.constant(g, tf.float32) for g in micro_grads(step, rank, m, M)], vs)
+                opt.apply([tf.constant(g, tf.float64) for g in micro_grads(step, rank, m, M)], vs)
             steps.append(record[0] if record else None)
         out[key(case)] = {"params": [np.asarray(v.numpy(), np.float64).reshape(-1).tolist() for v in vs],
                           "steps": steps}
