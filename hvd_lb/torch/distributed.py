@@ -108,6 +108,7 @@ class _DistributedGSNR(GSNR):
         self._kept = {}       # p → s of the last statistics step (gsnr_interval > 1)
         self._exponents = {}  # p → e of float16 squares (2^e·s on the wire), None: float32 next
         self._local = {}      # p → this rank's float32 share of s, until the float16 one is checked
+        self.redone = 0       # tensors whose float16 squares were reduced again in float32
         self._parameter_names = _names(self, named_parameters)
         self._param_names.update(self._parameter_names)
         self._delay = {p: micro_batches for p in self._parameter_names}
@@ -337,6 +338,7 @@ class _DistributedGSNR(GSNR):
         handles = [hvd.allreduce_async_(self._local[p], name=self._parameter_names[p] + ".sq32", op=self.op,
                                         process_set=self.process_set, prescale_factor=pre, postscale_factor=post)
                    for p in redo]
+        self.redone += len(redo)
         for p, h in zip(redo, handles):
             self._stats[p] = self._as_stats(p, hvd.synchronize(h))
         flagged = set(redo)
