@@ -116,39 +116,19 @@ def _exponents_follow_the_rule(ranks, divisor_is_w):
 
 
 @pytest.mark.multiprocess
-def test_torch_horovod_np2(tmp_path):
-    run_horovod([WORKER, "torch", tmp_path], np=2, timeout=300)
-    ranks = read_rank_json(tmp_path, 2)
-    check(ranks, 1e-10, False)
-    _exponents_follow_the_rule(ranks, False)
-
-
-@pytest.mark.multiprocess
-def test_torch_horovod_one_process(tmp_path):
-    """Size-1 Horovod (k = 2 micro-batches): the same path, the reduction an identity."""
-    proc = subprocess.run([sys.executable, str(WORKER), "torch", str(tmp_path)], env=horovod_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    check(read_rank_json(tmp_path, 1), 1e-10, False)
-
-
-@pytest.mark.multiprocess
-def test_ddp_np2(tmp_path):
-    run_torchrun([WORKER, "ddp", tmp_path], np=2, timeout=300)
-    ranks = read_rank_json(tmp_path, 2)
-    check(ranks, 1e-10, True)
-    _exponents_follow_the_rule(ranks, True)
-
-
-@pytest.mark.multiprocess
-def test_tf_horovod_np2(tmp_path):
-    run_horovod([WORKER, "tf", tmp_path], np=2, timeout=400)
-    check(read_rank_json(tmp_path, 2), 1e-10, False)
-
-
-@pytest.mark.multiprocess
-def test_tf_horovod_one_process(tmp_path):
-    proc = subprocess.run([sys.executable, str(WORKER), "tf", str(tmp_path)], env=horovod_env(),
-                          capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    check(read_rank_json(tmp_path, 1), 1e-10, False)
+@pytest.mark.parametrize("engine, np_", [("torch", 2), ("torch", 1), ("ddp", 2), ("tf", 2), ("tf", 1)])
+def test_parity_with_the_reference_given_the_same_rounded_squares(tmp_path, engine, np_):
+    """One launch per engine and process count (np 1: size-1 Horovod, k = 2 micro-batches, the
+    reduction an identity); every rule × option inside the worker. DDP sums (s = Σ/W)."""
+    if np_ == 1:
+        proc = subprocess.run([sys.executable, str(WORKER), engine, str(tmp_path)], env=horovod_env(),
+                              capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    elif engine == "ddp":
+        run_torchrun([WORKER, engine, tmp_path], np=np_, timeout=300)
+    else:
+        run_horovod([WORKER, engine, tmp_path], np=np_, timeout=400)
+    ranks = read_rank_json(tmp_path, np_)
+    check(ranks, 1e-10, engine == "ddp")
+    if engine != "tf":
+        _exponents_follow_the_rule(ranks, engine == "ddp")

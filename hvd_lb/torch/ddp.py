@@ -244,17 +244,8 @@ def _comm_hook(state: "DDPStatistics", bucket) -> torch.futures.Future[torch.Ten
         # Float16 squares (SPEC §1): Σ_w 2^e·s_w all-reduced beside ḡ, checked at the step.
         local = torch.empty(n, dtype=dtype, device=buf.device)
         state._local_squares(bucket, local, 1.0)
-        wire = state._float16_wire(bucket, local)
-        grad = buf.div_(W)
-        f_g = dist.all_reduce(grad, group=state.group, async_op=True).get_future()
-        f_s = dist.all_reduce(wire, group=state.group, async_op=True).get_future()
-        fut = torch.futures.collect_all([f_g, f_s])
-
-        def done(f):
-            gbar = f.value()[0].value()[0]
-            state._hold16(bucket, f.value()[1].value()[0], local)
-            state._keep(bucket, gbar.to(dtype), None)
-            return gbar
+        return _beside(state, bucket, state._float16_wire(bucket, local), dtype,
+                       lambda half: state._hold16(bucket, half, local))
     elif buf.dtype == dtype:
         # 1/W folded into the local copies: the all-reduced sum is already the mean.
         flat = buf.new_empty(2 * n)
@@ -271,17 +262,27 @@ def _comm_hook(state: "DDPStatistics", bucket) -> torch.futures.Future[torch.Ten
         # Low-precision gradients, float32 s: two all-reduces launched together.
         sq = torch.empty(n, dtype=dtype, device=buf.device)
         state._local_squares(bucket, sq, 1.0 / W)
-        grad = buf.div_(W)
-        f_g = dist.all_reduce(grad, group=state.group, async_op=True).get_future()
-        f_s = dist.all_reduce(sq, group=state.group, async_op=True).get_future()
-        fut = torch.futures.collect_all([f_g, f_s])
-
-        def done(f):
-            gbar = f.value()[0].value()[0]
-            s = f.value()[1].value()[0]
-            state._keep(bucket, gbar.to(dtype), s)
-            return gbar
+        return _beside(state, bucket, sq, dtype, None)
     return fut.then(done)
+
+
+def _beside(state, bucket, squares, dtype, hold):
+    """All-reduce ḡ and ``squares`` as two all-reduces launched together; the future gives ḡ.
+
+    ``hold``: None keeps the reduced squares as s (they are the mean: 1/W folded in); else it
+    takes them (float16 squares, checked and unscaled at the step).
+    """
+    grad = bucket.buffer().div_(state.world_size)
+    f_g = dist.all_reduce(grad, group=state.group, async_op=True).get_future()
+    f_s = dist.all_reduce(squares, group=state.group, async_op=True).get_future()
+
+    def done(f):
+        gbar, s = f.value()[0].value()[0], f.value()[1].value()[0]
+        if hold is not None:
+            hold(s)
+        state._keep(bucket, gbar.to(dtype), s if hold is None else None)
+        return gbar
+    return torch.futures.collect_all([f_g, f_s]).then(done)
 
 
 def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, micro_batches: int = 1,
