@@ -12,7 +12,7 @@ as the demo and larger runs would have them: W workers × M micro-batches (2 × 
   max of a previous s: here that of the same step's s divided by ``--drift``, i.e. s grew
   (> 1) or shrank (< 1) by that factor since the scale was set; 16 overflows: redone), rounded to float16, summed over the
   workers one by one in float16 (a ring's order), times 1/W in float16, unscaled
-  s = max(2^−e·q̄, ḡ²) in float32 (SPEC §1), r with ε_w = ``variance_floor(W)``.
+  s = max(2^−e·q̄, ḡ² + a) in float32 (SPEC §1), r with ε_w = ``variance_floor(W)``.
 
 Reported over all elements: mean |Δr|, max |Δr|, the share whose clip state (r̃ < γ, γ ≤ r̃ ≤ 1,
 r̃ > 1) differs, mean r of each, and the tensors a real run would have redone.
@@ -93,7 +93,8 @@ def compare(xs, W, M, drift):
             redo += 1
             s16 = s32
         else:
-            s16 = torch.maximum(torch.from_numpy(qbar.astype(np.float32)) * 2.0 ** -e, mean * mean)
+            s16 = torch.maximum(torch.from_numpy(qbar.astype(np.float32)) * 2.0 ** -e,
+                                mean * mean + squares16.absolute_floor(e, W))
         r32, rt32 = r_of(mean, s32, formulas.variance_floor(False))
         r16, rt16 = r_of(mean, s16, squares16.variance_floor(W))
         r32f, _ = r_of(mean, s32, squares16.variance_floor(W))  # float32 s, float16's floor

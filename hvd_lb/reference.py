@@ -108,13 +108,16 @@ def float16_floor(workers: int) -> float:
     return 2.0 ** (k - 8)
 
 
-def float16_squares(half: np.ndarray, exponent: int, divisor: float, mean: np.ndarray) -> np.ndarray:
-    """s from reduced float16 squares (SPEC §1): max(half·2^−e/divisor, ḡ²), in float64.
+def float16_squares(half: np.ndarray, exponent: int, divisor: float, mean: np.ndarray,
+                    workers: int) -> np.ndarray:
+    """s from reduced float16 squares (SPEC §1): max(half·2^−e/divisor, ḡ² + ε_w·2⁻¹⁴·2^−e/divisor),
+    in float64 (2⁻¹⁴: float16's smallest normal).
 
     ``divisor``: 1 where the reduction averaged (Horovod), W where it summed (DDP).
     """
-    s = np.asarray(half, np.float64) * 2.0 ** -exponent / divisor
-    return np.maximum(s, np.square(np.asarray(mean, np.float64)))
+    unit = 2.0 ** -exponent / divisor
+    s = np.asarray(half, np.float64) * unit
+    return np.maximum(s, np.square(np.asarray(mean, np.float64)) + float16_floor(workers) * 2.0 ** -14 * unit)
 
 
 def gsnr_ratio(mean: np.ndarray, sq: np.ndarray, gamma: float,

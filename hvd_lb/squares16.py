@@ -5,8 +5,8 @@ is rounded to float16 and reduced beside ḡ; e is known identically on every ra
 it comes from the previous reduced s of that tensor (``next_exponent``). After the
 reduction every rank classifies each tensor the same way (``needs_redo``, the reduced
 values are identical), redoes the flagged ones in float32 and unscales the rest in float32
-as s = max(s₁₆·2^−e, ḡ²) (s ≥ ḡ² holds exactly for true statistics; rounding and flushing
-to zero are what break it). The GSNR maths then floors the variance at ``variance_floor``.
+as s = max(s₁₆·2^−e, ḡ² + a) (s ≥ ḡ² holds exactly for true statistics; rounding and flushing
+to zero are what break it; a = ``absolute_floor``, float16's smallest normal times ε_w). The GSNR maths then floors the variance at ``variance_floor``.
 
 ``gsnr_interval = N``: s is reduced on statistics steps only (``is_statistics_step``) and
 reused, with each step's own ḡ, in between.
@@ -39,6 +39,17 @@ def variance_floor(workers: int) -> float:
     """
     w = max(int(workers), 1)
     return 2.0 ** (-8 + math.ceil(math.log2(w) / 2))
+
+
+def absolute_floor(exponent: int, workers: int, divisor: float = 1.0) -> float:
+    """a = ε_w·τ, τ = 2^−14·2^−e/divisor: float16's smallest normal in s's units (SPEC §1).
+
+    Unscaled s = max(2^−e·q̄, ḡ² + a): elements that left float16's normal range (subnormal
+    or flushed to 0, far below the tensor's peak) keep a variance of at least a, never the
+    full confidence of r_raw = 1/ε_w that s = ḡ² would give them. ``divisor``: W where the
+    reduction summed (DDP), 1 where it averaged (Horovod).
+    """
+    return variance_floor(workers) * F16_TINY * 2.0 ** -exponent / divisor
 
 
 def next_exponent(max_s: float, workers: int, predivide: float = 1.0,
@@ -117,5 +128,5 @@ def bytes_table(workers: Sequence[int], options) -> List[List[str]]:
     return rows
 
 
-__all__ = ["F16_MAX", "F16_TINY", "WIRE_PEAK_LOG2", "variance_floor", "next_exponent", "needs_redo",
+__all__ = ["F16_MAX", "F16_TINY", "WIRE_PEAK_LOG2", "variance_floor", "absolute_floor", "next_exponent", "needs_redo",
            "is_statistics_step", "check_interval", "bytes_ratio", "bytes_table"]

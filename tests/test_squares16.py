@@ -80,7 +80,7 @@ def reference_run(case, W, steps, divisor):
                 if squares16.needs_redo(float(np.max(half)), bool(np.any(mean[i]))):
                     redone.add((t, i))
                 else:
-                    sq[i] = reference.float16_squares(half, r[1], divisor, mean[i])
+                    sq[i] = reference.float16_squares(half, r[1], divisor, mean[i], W)
             kept = sq
         ref.step(mean, kept, floor=floor)
     return ref.params, redone

@@ -91,9 +91,10 @@ def _reduced(opt, n, grads, sq, reduce):
     if tf.executing_eagerly() and bool(known):  # (the first step is all redone)
         record([h.numpy() for h in half], exps.numpy())
     unscaled = []
+    tiny = squares16.variance_floor(workers) * squares16.F16_TINY  # absolute_floor, times 2^−e below
     for h, g, s, c in zip(half, mean[:n], sq[:n], scale):
-        g = tf.cast(g, s.dtype)
-        unscaled.append(tf.maximum(tf.cast(h, s.dtype) / tf.cast(c, s.dtype), g * g))  # s ≥ ḡ²
+        g, c = tf.cast(g, s.dtype), tf.cast(c, s.dtype)
+        unscaled.append(tf.maximum(tf.cast(h, s.dtype) / c, g * g + tiny / c))  # s ≥ ḡ² + a
 
     def again():
         full, _ = reduce(list(sq[:n]), None, None, False)  # squares as float32, uncompressed

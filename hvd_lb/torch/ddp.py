@@ -159,7 +159,7 @@ class DDPStatistics:
         """s of the float16 buckets: check (identically on every rank), redo in float32, unscale.
 
         One host read for the peaks; the flagged tensors go again in one float32 all-reduce,
-        in parameter order (the same on every rank); the rest is s = max(2^−e·Σ/W, ḡ²).
+        in parameter order (the same on every rank); the rest is s = max(2^−e·Σ/W, ḡ² + a).
         """
         W = self.world_size
         ps = [p for g in self.optimizer.param_groups for p in g["params"] if p in self._pending16]
@@ -180,7 +180,7 @@ class DDPStatistics:
                 s = local.copy_(half).mul_(2.0 ** -e / W).view_as(p)
                 if p.grad is not None:
                     g = p.grad.to(s.dtype)
-                    torch.maximum(s, g * g, out=s)
+                    torch.maximum(s, (g * g).add_(squares16.absolute_floor(e, W, W)), out=s)
                 self._stats[p] = s
                 self._exponents[p] = squares16.next_exponent(m * 2.0 ** -e / W, W, 1.0, e)
         self._pending16.clear()

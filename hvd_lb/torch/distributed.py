@@ -326,7 +326,7 @@ class _DistributedGSNR(GSNR):
 
         Every rank holds the same reduced values, so every rank flags the same tensors
         (``squares16.needs_redo``) and reduces them again in float32 together, by name.
-        The rest is unscaled in float32 as s = max(2^−e·s₁₆, ḡ²) (SPEC §1).
+        The rest is unscaled in float32 as s = max(2^−e·s₁₆, ḡ² + a) (SPEC §1).
         """
         W, f = self.process_set.size(), 1.0 / self._scale[0]
         ps = list(half)
@@ -348,7 +348,8 @@ class _DistributedGSNR(GSNR):
             e = self._exponents[p]
             s = self._local[p].copy_(half[p].view_as(self._local[p])).mul_(2.0 ** -e)
             g = real_view(p.grad).to(s.dtype)
-            torch.maximum(s, g * g, out=s)  # s ≥ ḡ²: rounding or flushing cannot make it less
+            # s ≥ ḡ² (+ a: elements below float16's normal range keep a variance)
+            torch.maximum(s, (g * g).add_(squares16.absolute_floor(e, W)), out=s)
             self._stats[p] = self._as_stats(p, s)
             self._exponents[p] = squares16.next_exponent(m * 2.0 ** -e, W, f, e)
         # First step (or a redo): e from the float32 s just reduced.
