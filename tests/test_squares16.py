@@ -132,3 +132,10 @@ def test_parity_with_the_reference_given_the_same_rounded_squares(tmp_path, engi
     check(ranks, 1e-10, engine == "ddp")
     if engine != "tf":
         _exponents_follow_the_rule(ranks, engine == "ddp")
+    else:
+        traced = [k for k in ranks[0]["cases"] if k.endswith("/traced")]
+        assert traced
+        for k in traced:
+            np.testing.assert_allclose(np.concatenate(ranks[0]["cases"][k]),
+                                       np.concatenate(ranks[0]["cases"][k[:-len("/traced")]]["params"]),
+                                       rtol=1e-12, atol=1e-12, err_msg=k)

@@ -167,6 +167,16 @@ def run_tf(out_dir):
             steps.append(record[0] if record else None)
         out[key(case)] = {"params": [np.asarray(v.numpy(), np.float64).reshape(-1).tolist() for v in vs],
                           "steps": steps}
+        if dtype == "float16" and n > 1:
+            # The same case traced (model.fit's path: tf.cond around the collectives): equal.
+            vs = [keras.Variable(a, dtype="float64", name=f"g{i}") for i, a in enumerate(init_params())]
+            opt = lbtf.DistributedOptimizer(lbtf.create(name, **rules.to_keras(hp_for(name))), micro_batches=M,
+                                            square_dtype=dtype, gsnr_interval=n)
+            traced = tf.function(lambda gs: opt.apply(gs, vs))
+            for step in range(1, STEPS + 1):
+                for m in range(M):
+                    traced([tf.constant(g, tf.float64) for g in micro_grads(step, rank, m, M)])
+            out[key(case) + "/traced"] = [np.asarray(v.numpy(), np.float64).reshape(-1).tolist() for v in vs]
     S.record = orig
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"W": W, "cases": out}, f)
