@@ -60,7 +60,7 @@ def statistics(opt, n, grads, sq, reduce):
         mean, s = _reduced(opt, n, grads, sq, reduce)
         for k, x in zip(opt._s16_kept, s[:n]):
             k.assign(tf.cast(x, k.dtype))
-        return mean, s
+        return mean, list(s[:n]) + list(sq[n:])  # (the tail, zeros, as given: one structure)
 
     def reuse():
         # ḡ alone; s of the last statistics step, as it was reduced (SPEC §1).
@@ -108,7 +108,7 @@ def _reduced(opt, n, grads, sq, reduce):
     peak = tf.where(redo, maxima, tf.cast(peaks, tf.float64) / tf.cast(tf.stack(scale), tf.float64))
     opt._s16_exp.assign(_next_exponents(peak, exps, known, workers, predivide))
     opt._s16_known.assign(True)
-    return mean, list(s) + [tf.cast(x, tf.float32) for x in sq[n:]]
+    return mean, list(s) + list(sq[n:])
 
 
 def floor(opt, workers):

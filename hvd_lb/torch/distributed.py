@@ -292,8 +292,7 @@ class _DistributedGSNR(GSNR):
                 bits = hvd.synchronize(handle[1])
                 sq = bits.view(torch.bfloat16).reshape(-1, real_view(p).numel()).float().mean(0)
             p.grad.set_(self._compression.decompress(grad, ctx))
-            sq = sq.to(self._work_dtype(p)).view(real_view(p).shape)
-            self._stats[p] = torch.view_as_complex(sq) if p.is_complex() else sq
+            self._stats[p] = self._as_stats(p, sq)
         if self.square_dtype == "float16":
             self._float16_stats(half)
         # Only a parameter this rank did not use can be unused everywhere: one host read for those.
