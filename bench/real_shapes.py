@@ -38,6 +38,12 @@ PYTHONPATH=$PWD OMP_NUM_THREADS=1.
 
     .venv/bin/python bench/real_shapes.py --scaling [--model resnet18]
     .venv/bin/python bench/real_shapes.py --bytes        # the analytic table only
+
+4. The square options (issue 20), under horovodrun -np 2 and -np 4: step time of VR with
+   float32 s, float16 s, gsnr_interval 4 and both, against plain Horovod + AdamW, and the bytes
+   each worker sent per step (its /proc/self/io ``wchar`` around 3 steps of each variant):
+
+    horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python bench/real_shapes.py --squares
 """
 import argparse
 import copy
@@ -184,7 +190,12 @@ def distributed(kind, model, micro_batches=1):
     if kind in ("hvd-sgd", "hvd-adamw"):
         return hvd.DistributedOptimizer(plain_optimizer(kind[4:], model), named_parameters=named,
                                         backward_passes_per_step=micro_batches)
-    sq = "bfloat16" if kind.endswith("bf16") else "float32"
+    extra = {}
+    if "-n4" in kind:
+        extra["gsnr_interval"] = 4
+        kind = kind.replace("-n4", "")
+    sq = {"bf16": "bfloat16", "f16": "float16"}.get(kind.rsplit("-", 1)[-1], "float32")
+    kind = kind.replace("-f16", "-f32")
     if kind.startswith("gsnr-adamw"):
         opt = plain_optimizer("gsnr-adamw-fused" if "fused" in kind else "gsnr-adamw", model)
     elif kind.endswith("-fused"):
@@ -192,7 +203,7 @@ def distributed(kind, model, micro_batches=1):
     else:
         opt = lbt.create(kind.split("-f32")[0].split("-bf16")[0], model, lr=1e-3, foreach=True)
     return lbt.DistributedOptimizer(opt, named_parameters=named, backward_passes_per_step=micro_batches,
-                                    square_dtype=sq if kind.startswith(("vr-", "gsnr-")) else None)
+                                    square_dtype=sq if kind.startswith(("vr-", "gsnr-")) else None, **extra)
 
 
 def step_bench(model_name, kinds, args, micro_batches=1):
@@ -217,7 +228,49 @@ def step_bench(model_name, kinds, args, micro_batches=1):
 
     med, first = horovod_torch_rounds({k: (lambda k=k: train(k)) for k in kinds}, grads, args.warmup, args.iters)
     n = sum(p.numel() for p in base.parameters())
+    if getattr(args, "squares", False):
+        # Bytes this process wrote (Gloo's sockets included) per step, each variant alone:
+        # 4 steps (a multiple of gsnr_interval 4), between barriers.
+        for k in kinds:
+            hvd.allreduce(torch.zeros(1), name="bench.bytes.barrier")
+            w0 = _wchar()
+            for _ in range(4):
+                train(k)
+            med[k + "@bytes"] = (_wchar() - w0) / 4
     return med, first, n
+
+
+def _wchar():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+
+
+SQUARE_KINDS = ["hvd-adamw", "gsnr-adamw-f32", "gsnr-adamw-f16", "gsnr-adamw-f32-n4", "gsnr-adamw-f16-n4",
+                "lamb", "vr-lamb-f32", "vr-lamb-f16", "vr-lamb-f32-n4"]
+
+
+def run_squares(args):
+    import torch
+    import horovod.torch as hvd
+    hvd.init()
+    torch.set_num_threads(1)
+    out = []
+    for model_name in args.model.split(","):
+        med, first, n = step_bench(model_name, SQUARE_KINDS, args)
+        if hvd.rank() != 0:
+            continue
+        W, a, ab = hvd.size(), med["hvd-adamw"], med["hvd-adamw@bytes"]
+        print(f"\n[{model_name}] {n / 1e6:.2f}M parameters, -np {W}, batch {args.batch}/worker, {args.iters} "
+              f"rounds (medians); one all-reduce of every gradient {1e3 * med['allreduce']:.1f} ms")
+        print("| variant | step ms | / hvd+AdamW | cpu / hvd+AdamW | sent MB/step | bytes / hvd+AdamW |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for k in SQUARE_KINDS:
+            print(f"| {k} | {1e3 * med[k]:.1f} | {med[k] / a:.3f} | {med[k + '@cpu'] / med['hvd-adamw@cpu']:.3f} "
+                  f"| {med[k + '@bytes'] / 1e6:.1f} | {med[k + '@bytes'] / ab:.3f} |")
+        out.append({"model": model_name, "params": n, "workers": W, "median_s": med, "first_s": first})
+        sys.stdout.flush()
+    if hvd.rank() == 0 and args.json:
+        json.dump(out, open(args.json, "w"), indent=1)
 
 
 def solo_bench(model_name, args):
@@ -446,6 +499,7 @@ def main():
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--scaling", action="store_true")
     ap.add_argument("--bytes", action="store_true")
+    ap.add_argument("--squares", action="store_true", help="float16 squares / gsnr_interval vs hvd+AdamW")
     ap.add_argument("--mem-worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--scale-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -461,6 +515,8 @@ def main():
         return run_scaling(args)
     if args.bytes:
         return wire_table()
+    if args.squares:
+        return run_squares(args)
     run_steps(args)
 
 

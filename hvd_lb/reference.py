@@ -31,6 +31,7 @@ class StepContext:
     adapt: Sequence[bool]
     decay: Sequence[bool]
     sq: Optional[Arrays] = None  # s = mean of squared samples (SPEC §1), VR rules only
+    floor: float = 2.0 ** -50    # ε_w (SPEC §2): float64's, or float16 squares' (float16_floor)
 
 
 class Transform(NamedTuple):
@@ -99,7 +100,28 @@ def micro_batch_samples(worker_micro_grads: Sequence[Sequence[Arrays]]) -> List[
 VARIANCE_FLOOR = 2.0 ** -50
 
 
-def gsnr_ratio(mean: np.ndarray, sq: np.ndarray, gamma: float) -> Tuple[np.ndarray, float, float]:
+def float16_floor(workers: int) -> float:
+    """ε_w of float16 squares (SPEC §2): 2⁻⁸·2^⌈log₂(W)/2⌉ (8 float16 units times ~√W additions)."""
+    k = 0
+    while 4 ** k < workers:  # smallest k with 2^k ≥ √W
+        k += 1
+    return 2.0 ** (k - 8)
+
+
+def float16_squares(half: np.ndarray, exponent: int, divisor: float, mean: np.ndarray,
+                    workers: int) -> np.ndarray:
+    """s from reduced float16 squares (SPEC §1): max(half·2^−e/divisor, ḡ² + ε_w·2⁻¹⁴·2^−e/divisor),
+    in float64 (2⁻¹⁴: float16's smallest normal).
+
+    ``divisor``: 1 where the reduction averaged (Horovod), W where it summed (DDP).
+    """
+    unit = 2.0 ** -exponent / divisor
+    s = np.asarray(half, np.float64) * unit
+    return np.maximum(s, np.square(np.asarray(mean, np.float64)) + float16_floor(workers) * 2.0 ** -14 * unit)
+
+
+def gsnr_ratio(mean: np.ndarray, sq: np.ndarray, gamma: float,
+               floor: float = VARIANCE_FLOOR) -> Tuple[np.ndarray, float, float]:
     """Clipped normalised GSNR r for one tensor (VRGD §4), with diagnostics.
 
     var = max(s − ḡ², ε_w·s), δ = 1e-12·mean(var) + 1e-30, r_raw = ḡ²/(var + δ),
@@ -107,7 +129,7 @@ def gsnr_ratio(mean: np.ndarray, sq: np.ndarray, gamma: float) -> Tuple[np.ndarr
     Returns (r, mean(r_raw), fraction of elements clipped up to γ).
     """
     g2 = np.square(mean)
-    var = np.maximum(sq - g2, VARIANCE_FLOOR * sq)
+    var = np.maximum(sq - g2, floor * sq)
     delta = 1e-12 * np.mean(var) + 1e-30
     r_raw = g2 / (var + delta)
     mu = float(np.mean(r_raw))
@@ -141,7 +163,7 @@ def scale_by_gsnr(gamma: float, gsnr_momentum: float, apply: Optional[Sequence[b
                 p_new.append(p)
                 out.append(g)
                 continue
-            r, _, _ = gsnr_ratio(g, s, gamma)
+            r, _, _ = gsnr_ratio(g, s, gamma, ctx.floor)
             p = b3 * p + (1.0 - b3) * r
             p_new.append(p)
             out.append(p / (1.0 - b3 ** ctx.step) * g)
@@ -373,13 +395,13 @@ class ReferenceOptimizer:
         self.t = 0
 
     def step(self, grads: Sequence[np.ndarray], sq: Optional[Sequence[np.ndarray]] = None,
-             lr: Optional[float] = None) -> List[np.ndarray]:
-        """One step on the averaged gradient ḡ (and s for VR rules)."""
+             lr: Optional[float] = None, floor: float = VARIANCE_FLOOR) -> List[np.ndarray]:
+        """One step on the averaged gradient ḡ (and s for VR rules); ``floor``: ε_w (SPEC §2)."""
         self.t += 1
         ctx = StepContext(
             lr=self.hparams["lr"] if lr is None else lr, step=self.t, adapt=self.adapt,
             decay=self.decay,
-            sq=None if sq is None else [np.asarray(s, np.float64) for s in sq],
+            sq=None if sq is None else [np.asarray(s, np.float64) for s in sq], floor=floor,
         )
         grads = [np.asarray(g, np.float64) for g in grads]
         delta, self.state = self.transform.update(grads, self.state, self.params, ctx)
@@ -394,7 +416,7 @@ class ReferenceOptimizer:
 
 
 __all__ = [
-    "StepContext", "Transform", "chain", "gradient_stats", "micro_batch_samples", "gsnr_ratio",
+    "StepContext", "Transform", "chain", "gradient_stats", "float16_floor", "float16_squares", "micro_batch_samples", "gsnr_ratio",
     "scale_by_gsnr", "add_decayed_weights", "trace", "scale_by_learning_rate", "scale_by_adam",
     "scale_by_lamb_trust", "scale_by_lars_trust", "normalize_by_global_norm", "tvlars_phi",
     "scale_by_tvlars_trust", "tvlars_momentum", "BASE_TRANSFORMS", "register", "base_transform", "make",

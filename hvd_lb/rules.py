@@ -313,11 +313,12 @@ def check_gsnr_op(op, what: str) -> None:
 # skip_nonfinite (both backends): one warning per this many skipped steps.
 SKIP_WARN_EVERY = 100
 
-SQUARE_DTYPES = (None, "float32", "float64", "bfloat16")
+SQUARE_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
 
 
 def check_square_dtype(square_dtype) -> Optional[str]:
-    """``square_dtype``, the same on both backends: None, "float32", "float64" or "bfloat16".
+    """``square_dtype``, the same on both backends: None, "float32", "float64", "bfloat16" or
+    "float16" (scaled per tensor, reduced as float16: ``hvd_lb.squares16``, SPEC §1).
 
     Accepts the strings or a framework dtype (``torch.bfloat16``, ``tf.bfloat16``) and
     returns the string. None = float32, or float64 for float64 parameters (SPEC §1).
@@ -325,8 +326,8 @@ def check_square_dtype(square_dtype) -> Optional[str]:
     name = square_dtype if square_dtype is None or isinstance(square_dtype, str) else \
         str(getattr(square_dtype, "name", square_dtype)).replace("torch.", "")
     if name not in SQUARE_DTYPES:
-        raise ValueError(f"invalid square_dtype={square_dtype!r}: must be None, 'float32', 'float64' or "
-                         "'bfloat16' (or the framework's dtype object)")
+        raise ValueError(f"invalid square_dtype={square_dtype!r}: must be None, 'float32', 'float64', "
+                         "'bfloat16' or 'float16' (or the framework's dtype object)")
     return name
 
 
@@ -348,13 +349,13 @@ def square_wire_dtype(square_dtype: Optional[str], workers: int) -> Optional[str
 
 
 def agreement_settings(gsnr: bool, optimizer, micro_batches: int, square_dtype, skip_nonfinite: bool, op,
-                       predivide: float, **backend) -> Dict[str, Any]:
+                       predivide: float, gsnr_interval: int = 1, **backend) -> Dict[str, Any]:
     """What every rank's DistributedOptimizer must agree on (JSON values), both backends;
     ``backend``: what only one backend has (its tensors, Keras's averaging flag)."""
     rule = getattr(optimizer, "rule_name", "") or type(optimizer).__module__
     return {"GSNR": gsnr, "optimizer": f"{type(optimizer).__name__} ({rule})", "micro_batches": micro_batches,
             "square_dtype": square_dtype, "skip_nonfinite": skip_nonfinite, "op": HOROVOD_OPS.get(op, str(op)),
-            "gradient_predivide_factor": float(predivide), **backend}
+            "gradient_predivide_factor": float(predivide), "gsnr_interval": gsnr_interval, **backend}
 
 
 def disagreement(every, ranks, what: str) -> Optional[str]:

@@ -43,6 +43,7 @@ def config(*argv):
     (["--optimizers", "vr-lars@k1", "--workers", "1"], "k = 1 × 1 = 1 (row vr-lars@k1)"),
     (["--optimizers", "lars@k6", "--batch-size", "8192"], "divisible by workers × micro-batches = 2 × 3 = 6 (row lars@k6)"),
     (["--model", "resnet"], "SystemExit"),
+    (["--framework", "tf", "--gsnr-interval", "4"], "with --framework tf"),
 ])
 def test_bad_options_raise_one_clear_value_error(argv, needle, capsys):
     if needle == "SystemExit":  # argparse's choices: usage error naming the allowed values

@@ -76,7 +76,8 @@ def test_vr_needs_two_samples():
 @pytest.mark.parametrize("kwargs, needle", [
     ({"micro_batches": 0}, "micro_batches=0"),
     ({"compression": "zip"}, "compression='zip'"),
-    ({"square_dtype": "float16"}, "square_dtype='float16'"),
+    ({"square_dtype": "float8"}, "square_dtype='float8'"),
+    ({"gsnr_interval": 0}, "gsnr_interval=0"),
     ({"micro_batches": 2, "backward_passes_per_step": 3}, "backward_passes_per_step=3"),
     ({"average_aggregated_gradients": 1}, "average_aggregated_gradients=1"),
     ({"square_dtype": "int8"}, "square_dtype='int8'"),

@@ -135,7 +135,10 @@ def test_distributed_optimizer_argument_checks():
     with pytest.raises(ValueError, match="invalid gradient_predivide_factor=0"):
         lbt.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), gradient_predivide_factor=0)
     with pytest.raises(ValueError, match="invalid square_dtype="):
-        lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), square_dtype="float16")
+        lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), square_dtype="int8")
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match=f"invalid gsnr_interval={bad!r}"):
+            lbt.DistributedOptimizer(lbt.create("vr-sgd", [w]), gsnr_interval=bad)
 
 
 @pytest.mark.parametrize("lr", [float("nan"), -0.1, float("inf")])

@@ -117,6 +117,9 @@ def add_arguments(p):
     p.add_argument("--report", default=None, metavar="PATH",
                    help="train nothing: print the table and redraw the picture (next to PATH) of a finished "
                         "job's results.json, or of the runs a stopped job finished (its <out-dir>/job folder)")
+    p.add_argument("--square-dtype", choices=("float32", "float16"), default=None,
+                   help="VR rows: the dtype s travels in (default float32; float16: scaled, SPEC §1)")
+    p.add_argument("--gsnr-interval", default=1, help="VR rows: reduce s every N-th step (default 1)")
 
 
 def parse_rows(text: str) -> List[Dict]:
@@ -233,6 +236,12 @@ def parse_config(args) -> Dict:
     if not warmup < epochs:
         raise ValueError(f"invalid --warmup-epochs {warmup:g}: must be in [0, --epochs={epochs})")
     weight_decay = options.number("--weight-decay", args.weight_decay)
+    square_dtype = getattr(args, "square_dtype", None)
+    interval = options.integer("--gsnr-interval", getattr(args, "gsnr_interval", 1))
+    if args.framework == "tf" and (square_dtype == "float16" or interval != 1):
+        # The TF worker reduces through DistributedGradientTape, which keeps no state across steps.
+        raise ValueError(f"invalid --square-dtype {square_dtype} / --gsnr-interval {interval} with --framework tf: "
+                         "the TF demo worker runs float32 squares every step (use --framework torch)")
     if args.framework == "tf" and importlib.util.find_spec("tensorflow") is None:
         raise ValueError("invalid --framework tf: TensorFlow is not installed (make install)")
     if args.controller == "mpi" and shutil.which("mpirun") is None:
@@ -271,6 +280,7 @@ def parse_config(args) -> Dict:
         "train_subset": subset, "weight_decay": weight_decay,
         "arch": arch, "model": MODELS[arch], "n_train": subset or n_total,
         "notes": notes, "runs": runs,
+        "square_dtype": square_dtype, "gsnr_interval": interval,
     }
 
 

@@ -87,7 +87,10 @@ def main(cfg_path: str) -> None:
         model = make_model(torch, arch, run["seed"])
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         opt = lb.create(run["optimizer"], model, lr=run["lr"], weight_decay=cfg["weight_decay"])
-        opt = lb.DistributedOptimizer(opt, named_parameters=model.named_parameters(), micro_batches=micro)
+        opt = lb.DistributedOptimizer(opt, named_parameters=model.named_parameters(), micro_batches=micro,
+                                      **({"square_dtype": cfg.get("square_dtype"),
+                                          "gsnr_interval": cfg.get("gsnr_interval", 1)}
+                                         if rules.get_rule(run["optimizer"]).gsnr else {}))
         sched = lb.WarmupDecayLR(opt, warmup_steps=plan["warmup_steps"], total_steps=plan["total_steps"],
                                  decay="cosine")
         is_vr = rules.get_rule(run["optimizer"]).gsnr

@@ -24,7 +24,8 @@ import zlib
 import keras
 import tensorflow as tf
 
-from .. import rules
+from .. import rules, squares16
+from . import _squares16
 from ._ops import stat_dtype, state_variables, variable_path, work_dtype
 from .gsnr import GSNR, _densify, inner_learning_rate, set_all_weights
 
@@ -162,7 +163,8 @@ def reduce_statistics(grads, squares=None, compression="none", square_dtype=None
     ``micro_batches`` = this rank's M: sent along as (M, M²), so that workers with
     different M stop with an error at the first step instead of hanging later.
     ``op`` (hvd.Average or hvd.Sum), ``gradient_predivide_factor`` and ``device_dense``
-    as Horovod's; ``square_dtype``: see ``DistributedOptimizer``. Returns ``(mean, sq)``
+    as Horovod's; ``square_dtype``: see ``DistributedOptimizer`` ("float16": ``squares`` are
+    already scaled float16, as ``DistributedOptimizer`` sends them). Returns ``(mean, sq)``
     (``sq`` is ``None`` without ``squares``).
     """
     _, comp = _compressor(compression)
@@ -283,7 +285,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                  sparse_as_dense=False, gradient_predivide_factor=1.0, op=AVERAGE,
                  backward_passes_per_step=None, average_aggregated_gradients=False, num_groups=0,
                  groups=None, process_set=None, *, micro_batches=None, square_dtype=None,
-                 skip_nonfinite=False, **kwargs):
+                 skip_nonfinite=False, gsnr_interval=1, **kwargs):
         if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
                 optimizer, DistributedOptimizer):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer "
@@ -291,6 +293,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         micro_batches = _micro_batches(micro_batches, backward_passes_per_step)
         compression, _ = _compressor(compression)
         square_dtype = rules.check_square_dtype(square_dtype)
+        gsnr_interval = squares16.check_interval(gsnr_interval)
         op, predivide = _horovod_args(f"DistributedOptimizer({type(optimizer).__name__})",
                                       _vr_target(optimizer) is not None, op, gradient_predivide_factor,
                                       num_groups, groups, device_sparse, sparse_as_dense)
@@ -309,6 +312,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.micro_batches = micro_batches
         self.compression = compression
         self.square_dtype = square_dtype
+        self.gsnr_interval = gsnr_interval
         self.average_aggregated_gradients = average_aggregated_gradients
         self.skip_nonfinite = skip_nonfinite
         self.process_set = process_set
@@ -333,6 +337,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                     for v in var_list]
         if self.skip_nonfinite:
             self._skipped = self.add_variable((), dtype="int64", name="skipped_steps")
+        if self.needs_squares and (self.square_dtype == "float16" or self.gsnr_interval > 1):
+            _squares16.build(self, var_list, [stat_dtype(tf.as_dtype(v.dtype), self.square_dtype) for v in var_list])
         self.inner_optimizer.build(var_list)
         super().build(var_list)
 
@@ -351,7 +357,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             return
         settings = rules.agreement_settings(
             self.needs_squares, self.inner_optimizer, self.micro_batches, self.square_dtype, self.skip_nonfinite,
-            self.op, self.gradient_predivide_factor, average_aggregated_gradients=self.average_aggregated_gradients,
+            self.op, self.gradient_predivide_factor, self.gsnr_interval, average_aggregated_gradients=self.average_aggregated_gradients,
             # Not the paths: Keras numbers layers per process, and the collectives are named by shape.
             **{"variables (shape, dtype, trainable)": [
                 [list(v.shape), tf.as_dtype(v.dtype).name, bool(v.trainable)] for v in var_list]})
@@ -447,9 +453,18 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                                 grads[0].dtype)
             grads = grads + [flags]
             sq = None if sq is None else sq + [tf.zeros(2 * n, sq[0].dtype)]
-        mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set,
-                                     self.micro_batches, self.op, self.gradient_predivide_factor,
-                                     self.device_dense)
+        if sq is not None and hasattr(self, "_s16_count"):
+            # float16 squares / gsnr_interval (SPEC §1): hvd_lb.tf._squares16 around the same call.
+            def reduce(g, s, dtype, compress=True):
+                return reduce_statistics(g, s, self.compression if compress else "none", dtype,
+                                         self.process_set, self.micro_batches, self.op,
+                                         self.gradient_predivide_factor, self.device_dense)
+            reduce.workers = workers
+            mean, sq = _squares16.statistics(self, n, grads, sq, reduce)
+        else:
+            mean, sq = reduce_statistics(grads, sq, self.compression, self.square_dtype, self.process_set,
+                                         self.micro_batches, self.op, self.gradient_predivide_factor,
+                                         self.device_dense)
         mixed = False
         if workers > 1:
             flags, mean, sq = mean[-1], mean[:-1], None if sq is None else sq[:-1]
@@ -460,7 +475,8 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             if sq is not None:
                 # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
                 # every rank, so all ranks skip or step together.
-                _vr_target(self.inner_optimizer).set_grad_sq([None if d else s for s, d in zip(sq, dropped)])
+                _vr_target(self.inner_optimizer).set_grad_sq([None if d else s for s, d in zip(sq, dropped)],
+                                                             _squares16.floor(self, workers))
             self.inner_optimizer.apply([None if d else g for g, d in zip(mean, dropped)], tvs)
             return tf.constant(True)
 
@@ -515,7 +531,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         return {"name": self.name,
                 "optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
                 "micro_batches": self.micro_batches, "compression": self.compression,
-                "square_dtype": self.square_dtype,
+                "square_dtype": self.square_dtype, "gsnr_interval": self.gsnr_interval,
                 "average_aggregated_gradients": self.average_aggregated_gradients,
                 "skip_nonfinite": self.skip_nonfinite,
                 "op": self.op, "gradient_predivide_factor": self.gradient_predivide_factor}
@@ -558,6 +574,9 @@ class DistributedGradientTape:
         self.micro_batches = rules.check_micro_batches(micro_batches)
         self.compression, _ = _compressor(compression)
         self.square_dtype = rules.check_square_dtype(square_dtype)
+        if self.square_dtype == "float16":
+            raise ValueError("invalid square_dtype='float16' for DistributedGradientTape: float16 squares keep a "
+                             "per-tensor scale across steps; use hvd_lb.tf.DistributedOptimizer (model.fit) for them")
         self.process_set = process_set
         self._horovod = (op, gradient_predivide_factor, num_groups, groups, device_sparse, sparse_as_dense)
         self.op, self.predivide = _horovod_args("DistributedGradientTape", _vr_target(optimizer) is not None,

@@ -65,6 +65,7 @@ class _Scratch:
     """Per-call tensors, kept outside Keras/TF attribute tracking."""
 
     pending_sq = None
+    floor = None  # ε_w of float16 squares (hvd_lb.squares16.variance_floor), with pending_sq
     stats = None
 
 
@@ -73,7 +74,7 @@ def _key(v):
     return id(v.value if isinstance(v, keras.Variable) else v)
 
 
-def _gsnr_one(mean, sq, g, avg, t, gamma, momentum, scale):
+def _gsnr_one(mean, sq, g, avg, t, gamma, momentum, scale, floor=None):
     """SPEC §2 on one variable → (ĝ in ``g``'s dtype, p_t in ``avg``'s, float32 [μ_r, clipped fraction]).
 
     ``mean``, ``sq``: ḡ and s (times ``scale`` = the loss scale factor, or None);
@@ -90,7 +91,7 @@ def _gsnr_one(mean, sq, g, avg, t, gamma, momentum, scale):
     mean, sq = tf.cast(mean, sd), tf.cast(sq, sd)
     if scale is not None:
         mean, sq = mean / scale, sq / (scale * scale)
-    r, mu, clipped = F.gsnr_ratio(B, mean, sq, gamma, F.variance_floor(sd == tf.float64))
+    r, mu, clipped = F.gsnr_ratio(B, mean, sq, gamma, max(F.variance_floor(sd == tf.float64), floor or 0.0))
     g_hat, p = F.gsnr_scale(B, tf.cast(g, sd), r, tf.cast(avg, sd), momentum, tf.cast(t, sd))
     return (tf.reshape(tf.cast(g_hat, g.dtype), shape), tf.reshape(tf.cast(p, avg.dtype), shape),
             tf.cast(tf.stack([mu, clipped]), tf.float32))
@@ -220,9 +221,11 @@ class GSNR(keras.optimizers.Optimizer):
 
     # -- the step ---------------------------------------------------------------------------
 
-    def set_grad_sq(self, grad_sq):
-        """Hand s = (1/k)Σx² (SPEC §1) for the next ``apply``, one tensor per gradient."""
+    def set_grad_sq(self, grad_sq, floor=None):
+        """Hand s = (1/k)Σx² (SPEC §1) for the next ``apply``, one tensor per gradient;
+        ``floor``: ε_w where s came as float16 (SPEC §2)."""
         self._io.pending_sq = None if grad_sq is None else list(grad_sq)
+        self._io.floor = floor
 
     def apply(self, grads, trainable_variables=None):
         grads = list(grads)
@@ -251,6 +254,7 @@ class GSNR(keras.optimizers.Optimizer):
             return super().apply(grads, trainable_variables)
         finally:
             self._io.stats = None
+            self._io.floor = None
 
     def _backend_update_step(self, grads, variables, learning_rate):
         # The wrapped optimizer's rate: refused here too when it is a Keras one (issue 17).
@@ -270,7 +274,7 @@ class GSNR(keras.optimizers.Optimizer):
             mean, sq = self._io.stats[self._var_key(v)]
             avg = self.gsnr_avg[i]
             g_hat, p, row = one(mean, sq, tf.convert_to_tensor(g), tf.convert_to_tensor(avg), t, self.gamma,
-                                self.momentum, self.loss_scale_factor)
+                                self.momentum, self.loss_scale_factor, self._io.floor)
             self.assign(avg, p)
             # A shared XLA trace may have unknown dimensions (reduce_retracing): give the
             # wrapped optimizer ĝ with its variable's static shape.

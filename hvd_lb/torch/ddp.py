@@ -27,6 +27,10 @@ docs/SPEC.md §1 with W = world size and k = W·M samples x_{w,m} = M·g_{w,m}:
 * the optimizer's step takes s from here (after a closure's backward, if any), rescaled
   by (‖p.grad‖/‖ḡ‖)² so that GradScaler's unscale and gradient clipping apply to s too.
 
+``square_dtype="float16"``: s goes as float16 scaled per parameter by 2^e (a second all-reduce
+launched with the gradients'), checked and unscaled at the step (``hvd_lb.squares16``, SPEC §1).
+``gsnr_interval=N``: s on every N-th step, reused in between (the other steps reduce ḡ alone).
+
 Optimizers without the GSNR transform need no hook: DDP's own all-reduce already
 gives ḡ, and ``register`` only checks the arguments.
 """
@@ -37,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import rules
+from .. import rules, squares16
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
 from .gsnr import GSNR
 
@@ -45,8 +49,15 @@ from .gsnr import GSNR
 class DDPStatistics:
     """What ``register`` installed: k = world_size·micro_batches, and s until the next step."""
 
-    def __init__(self, model, optimizer, micro_batches: int, group):
+    def __init__(self, model, optimizer, micro_batches: int, group, square_dtype=None, gsnr_interval=1):
         self.optimizer = optimizer
+        self.square_dtype = square_dtype
+        self.gsnr_interval = gsnr_interval
+        self._count = 0        # steps since registered: s on every gsnr_interval-th
+        self._kept = {}        # p → s of the last statistics step (gsnr_interval > 1)
+        self._exponents = {}   # p → e of float16 squares (None/absent: float32 next)
+        self._pending16 = {}   # p → (reduced 2^e·Σ_w s_w as float16, this rank's float32 share, e)
+        self.redone = 0        # tensors whose float16 squares were reduced again in float32
         self.micro_batches = micro_batches
         self.group = group
         self.world_size = dist.get_world_size(group)
@@ -63,6 +74,10 @@ class DDPStatistics:
         model.register_comm_hook(self, _comm_hook)
         optimizer._gsnr_source = self._take
 
+    def statistics_step(self) -> bool:
+        """s is reduced this step (every bucket alike: all ranks count the same steps)."""
+        return squares16.is_statistics_step(self._count, self.gsnr_interval) or not self._kept
+
     def _accumulate(self, p):
         if p.grad.is_sparse:
             raise ValueError("hvd_lb.torch.ddp: sparse gradients are not supported with GSNR (the "
@@ -72,9 +87,9 @@ class DDPStatistics:
             raise RuntimeError(
                 f"more than micro_batches={self.micro_batches} backward passes before DDP synchronised: "
                 "run micro_batches − 1 micro-batches inside model.no_sync() and the last one outside")
-        if self.micro_batches == 1:
+        if self.micro_batches == 1 or not self.statistics_step():
             # Only counted (a no_sync() pass would be a second sample): s comes from the bucket.
-            self._squares.count[p] = 1
+            self._squares.count[p] = before + 1
         else:
             self._squares.add(p, p.grad.detach(), work_dtype(p.dtype), keep_prev=before + 1 < self.micro_batches)
 
@@ -109,28 +124,102 @@ class DDPStatistics:
                 torch.mul(local.reshape(-1), self.micro_batches * scale, out=view)
 
     def _keep(self, bucket, gbar, sq):
-        """Store s and ‖ḡ‖ per parameter of the bucket."""
+        """Store s (unless None: float16 squares, pending) and ‖ḡ‖ per parameter of the bucket."""
         pairs = _offsets(bucket)
         views = [gbar[off:off + p.numel()] for p, off in pairs]
         for (p, off), nrm in zip(pairs, norms(views)):
-            self._stats[p] = sq[off:off + p.numel()].view_as(p)
+            if sq is not None:
+                self._stats[p] = sq[off:off + p.numel()].view_as(p)
             self._norms[p] = nrm
+
+    def _skip_squares(self, bucket):
+        """A step of a gsnr_interval that reduces ḡ alone: drop the micro-batch counts."""
+        for p, _ in _offsets(bucket):
+            self._squares.count.pop(p, None)
+            self._squares.prev.pop(p, None)
+
+    def _float16_ready(self, bucket) -> bool:
+        return self.square_dtype == "float16" and all(
+            self._exponents.get(p) is not None for p, _ in _offsets(bucket))
+
+    def _float16_wire(self, bucket, local):
+        """2^e·(this worker's share of s) per parameter, as float16, laid out like the bucket."""
+        wire = torch.zeros(local.numel(), dtype=torch.float16, device=local.device)
+        for p, off in _offsets(bucket):
+            n = p.numel()
+            wire[off:off + n] = local[off:off + n] * 2.0 ** self._exponents[p]
+        return wire
+
+    def _hold16(self, bucket, half, local):
+        for p, off in _offsets(bucket):
+            n = p.numel()
+            self._pending16[p] = (half[off:off + n], local[off:off + n], self._exponents[p])
+
+    def _finish16(self):
+        """s of the float16 buckets: check (identically on every rank), redo in float32, unscale.
+
+        One host read for the peaks; the flagged tensors go again in one float32 all-reduce,
+        in parameter order (the same on every rank); the rest is s = max(2^−e·Σ/W, ḡ² + a).
+        """
+        W = self.world_size
+        ps = [p for g in self.optimizer.param_groups for p in g["params"] if p in self._pending16]
+        peaks = torch.stack([self._pending16[p][0].max().float() if p.numel() else torch.zeros(())
+                             for p in ps]).tolist() if ps else []
+        redo = [p for p, m in zip(ps, peaks)
+                if squares16.needs_redo(m, m == 0 and p.grad is not None and bool(p.grad.count_nonzero()))]
+        if redo:
+            flat = torch.cat([self._pending16[p][1] for p in redo]).div_(W)
+            dist.all_reduce(flat, group=self.group)
+            self.redone += len(redo)
+            for p, s in zip(redo, flat.split([p.numel() for p in redo])):
+                self._stats[p] = s.view_as(p)
+        flagged = set(redo)
+        for p, m in zip(ps, peaks):
+            half, local, e = self._pending16[p]
+            if p not in flagged:
+                s = local.copy_(half).mul_(2.0 ** -e / W).view_as(p)
+                if p.grad is not None:
+                    g = p.grad.to(s.dtype)
+                    torch.maximum(s, (g * g).add_(squares16.absolute_floor(e, W, W)), out=s)
+                self._stats[p] = s
+                self._exponents[p] = squares16.next_exponent(m * 2.0 ** -e / W, W, 1.0, e)
+        self._pending16.clear()
+        fresh = [p for p in self._stats if p in flagged or self._exponents.get(p) is None]
+        if fresh:
+            maxima = torch.stack([self._stats[p].max().float() if p.numel() else torch.zeros(())
+                                  for p in fresh]).tolist()
+            for p, m in zip(fresh, maxima):
+                self._exponents[p] = squares16.next_exponent(m, W, 1.0, self._exponents.get(p))
 
     def _take(self, optimizer):
         """s for the optimizer's step, one tensor (or None) per parameter, and ``owned=True``.
 
         The tensors are views of this step's reduced buckets: the transform may overwrite them.
         """
+        stats_step = self.statistics_step()
+        self._count += 1
+        if self.square_dtype == "float16":
+            if self._pending16 or self._stats:
+                self._finish16()
+            optimizer._gsnr_floor = squares16.variance_floor(self.world_size)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if not stats_step and self._kept:
+            # gsnr_interval: s of the last statistics step, as that step used it (SPEC §1).
+            self._norms.clear()
+            return {p: self._kept[p] for p in params if p.grad is not None and p in self._kept}, False
         if not self._stats:
             return None, False
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         sq = [self._stats.pop(p, None) if p.grad is not None else None for p in params]
         have = [(s, p) for s, p in zip(sq, params) if s is not None]
         for (s, p), n1 in zip(have, norms([p.grad for _, p in have])):
             follow_rescale(s, n1, self._norms[p])
         self._stats.clear()
         self._norms.clear()
-        return {p: s for p, s in zip(params, sq) if s is not None}, True
+        out = {p: s for p, s in zip(params, sq) if s is not None}
+        if self.gsnr_interval > 1:
+            self._kept = out
+            return out, False
+        return out, True
 
 
 def _offsets(bucket):
@@ -144,7 +233,20 @@ def _comm_hook(state: "DDPStatistics", bucket) -> torch.futures.Future[torch.Ten
     buf = bucket.buffer()
     n, W = buf.numel(), state.world_size
     dtype = work_dtype(buf.dtype)
-    if buf.dtype == dtype:
+    if not state.statistics_step():
+        # gsnr_interval: ḡ alone this step, as DDP's own hook.
+        state._skip_squares(bucket)
+        fut = dist.all_reduce(buf.div_(W), group=state.group, async_op=True).get_future()
+
+        def done(f):
+            return f.value()[0]
+    elif state._float16_ready(bucket):
+        # Float16 squares (SPEC §1): Σ_w 2^e·s_w all-reduced beside ḡ, checked at the step.
+        local = torch.empty(n, dtype=dtype, device=buf.device)
+        state._local_squares(bucket, local, 1.0)
+        return _beside(state, bucket, state._float16_wire(bucket, local), dtype,
+                       lambda half: state._hold16(bucket, half, local))
+    elif buf.dtype == dtype:
         # 1/W folded into the local copies: the all-reduced sum is already the mean.
         flat = buf.new_empty(2 * n)
         torch.div(buf, W, out=flat[:n])
@@ -160,21 +262,32 @@ def _comm_hook(state: "DDPStatistics", bucket) -> torch.futures.Future[torch.Ten
         # Low-precision gradients, float32 s: two all-reduces launched together.
         sq = torch.empty(n, dtype=dtype, device=buf.device)
         state._local_squares(bucket, sq, 1.0 / W)
-        grad = buf.div_(W)
-        f_g = dist.all_reduce(grad, group=state.group, async_op=True).get_future()
-        f_s = dist.all_reduce(sq, group=state.group, async_op=True).get_future()
-        fut = torch.futures.collect_all([f_g, f_s])
-
-        def done(f):
-            gbar = f.value()[0].value()[0]
-            s = f.value()[1].value()[0]
-            state._keep(bucket, gbar.to(dtype), s)
-            return gbar
+        return _beside(state, bucket, sq, dtype, None)
     return fut.then(done)
 
 
+def _beside(state, bucket, squares, dtype, hold):
+    """All-reduce ḡ and ``squares`` as two all-reduces launched together; the future gives ḡ.
+
+    ``hold``: None keeps the reduced squares as s (they are the mean: 1/W folded in); else it
+    takes them (float16 squares, checked and unscaled at the step).
+    """
+    grad = bucket.buffer().div_(state.world_size)
+    f_g = dist.all_reduce(grad, group=state.group, async_op=True).get_future()
+    f_s = dist.all_reduce(squares, group=state.group, async_op=True).get_future()
+
+    def done(f):
+        gbar, s = f.value()[0].value()[0], f.value()[1].value()[0]
+        if hold is not None:
+            hold(s)
+        state._keep(bucket, gbar.to(dtype), s if hold is None else None)
+        return gbar
+    return torch.futures.collect_all([f_g, f_s]).then(done)
+
+
 def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, micro_batches: int = 1,
-             process_group: Optional[object] = None) -> DDPStatistics:
+             process_group: Optional[object] = None, square_dtype: Optional[str] = None,
+             gsnr_interval: int = 1) -> DDPStatistics:
     """Make ``optimizer`` get ḡ and s = (1/k)Σx² from ``model``'s DDP all-reduce (docs/SPEC.md §1).
 
     Args:
@@ -187,6 +300,9 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
             Gradients are SUMMED over them (as Horovod's ``backward_passes_per_step``): scale
             each micro-batch's loss by 1/M for the mean. GSNR needs k = world size·M ≥ 2.
         process_group: the group DDP reduces over (default: the model's).
+        square_dtype: None/"float32" (float32 s; float64 for float64 parameters) or "float16"
+            (scaled per parameter, reduced as float16: 1.5× DDP's bytes; SPEC §1).
+        gsnr_interval: N ≥ 1, s reduced on every N-th step and reused in between (SPEC §1).
 
     Returns the ``DDPStatistics`` (``k``, ``world_size``, ``micro_batches``).
     """
@@ -199,6 +315,11 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
         raise ValueError(f"invalid optimizer={type(optimizer).__name__}: it is a Horovod "
                          "DistributedOptimizer; under DDP pass the plain optimizer")
     micro_batches = rules.check_micro_batches(micro_batches)
+    square_dtype = rules.check_square_dtype(square_dtype)
+    if square_dtype not in (None, "float32", "float16"):
+        raise ValueError(f"invalid square_dtype={square_dtype!r} for hvd_lb.torch.ddp: must be None, "
+                         "'float32' or 'float16'")
+    gsnr_interval = squares16.check_interval(gsnr_interval)
     if getattr(model, "_hvd_lb_ddp", None) is not None:
         raise ValueError("invalid model: hvd_lb.torch.ddp.register was already called for it "
                          "(DDP takes one communication hook)")
@@ -220,7 +341,7 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
                 f"{workers * micro_batches}: launch 2 or more processes (torchrun --nproc_per_node 2) "
                 "or pass micro_batches=2 or more (the first ones inside model.no_sync())")
         rules.check_samples(workers, micro_batches)
-    state = DDPStatistics(model, optimizer, micro_batches, group)
+    state = DDPStatistics(model, optimizer, micro_batches, group, square_dtype, gsnr_interval)
     model._hvd_lb_ddp = state
     return state
 

@@ -10,7 +10,9 @@ tensor, the gradient and its local mean of squares M·Σ_m g_m² are all-reduced
 With ``square_dtype="bfloat16"`` s travels as bf16 where that is fewer bytes
 (``rules.square_wire_dtype``: W ≤ 3): Horovod 0.28 cannot all-reduce bf16
 tensors, so it goes as an allgather of the bf16 bits (int16) enqueued together
-with the gradient all-reduce, averaged locally in float32.
+with the gradient all-reduce, averaged locally in float32. With ``square_dtype="float16"``
+s goes in the same group as float16, scaled per tensor by 2^e (``hvd_lb.squares16``);
+with ``gsnr_interval=N`` it goes on every N-th step only and is reused in between.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .. import rules
+from .. import rules, squares16
 from ._ops import real_view, run_closure
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
 from .gsnr import GSNR, unhooked_step
@@ -90,7 +92,7 @@ class _DistributedGSNR(GSNR):
     """
 
     def __init__(self, gsnr, named_parameters, compression, micro_batches, op, process_set,
-                 square_dtype, predivide, skip_nonfinite, config):
+                 square_dtype, predivide, skip_nonfinite, config, gsnr_interval=1):
         GSNR.__setstate__(self, GSNR.__getstate__(gsnr))
         self._config = config  # DistributedOptimizer's arguments, for copies (``__reduce__``)
         self._compression = _WireDtypes(compression)
@@ -101,6 +103,12 @@ class _DistributedGSNR(GSNR):
         self.process_set = process_set
         self.square_dtype = square_dtype
         self.skip_nonfinite, self.skipped_steps = skip_nonfinite, 0
+        self.gsnr_interval = gsnr_interval
+        self._stat_count = 0  # synchronize() calls since built or loaded: s on every N-th (SPEC §1)
+        self._kept = {}       # p → s of the last statistics step (gsnr_interval > 1)
+        self._exponents = {}  # p → e of float16 squares (2^e·s on the wire), None: float32 next
+        self._local = {}      # p → this rank's float32 share of s, until the float16 one is checked
+        self.redone = 0       # tensors whose float16 squares were reduced again in float32
         self._parameter_names = _names(self, named_parameters)
         self._param_names.update(self._parameter_names)
         self._delay = {p: micro_batches for p in self._parameter_names}
@@ -156,6 +164,14 @@ class _DistributedGSNR(GSNR):
     def _work_dtype(self, p):
         return work_dtype(p.dtype, self.square_dtype)
 
+    def _needs_stats(self, p) -> bool:
+        """Whether p's s is reduced this step: a statistics step, or none kept for p yet."""
+        return squares16.is_statistics_step(self._stat_count, self.gsnr_interval) or p not in self._kept
+
+    def square_exponents(self):
+        """name → e of the float16 squares' next scale 2^e (None: float32 on the next reduction)."""
+        return {self._parameter_names[p]: self._exponents.get(p) for p in self._requires_update}
+
     def _densify(self, p):
         if p.grad.is_sparse:
             if not self._warned_sparse:
@@ -175,8 +191,9 @@ class _DistributedGSNR(GSNR):
                 f"gradients were computed more than micro_batches={self.micro_batches} times "
                 "before step(): pass a larger micro_batches to DistributedOptimizer")
         self._densify(p)
-        self._squares.add(p, real_view(p.grad.detach()), self._work_dtype(p),
-                          keep_prev=self.micro_batches > 1 and self._delay[p] > 1)
+        if self._needs_stats(p):
+            self._squares.add(p, real_view(p.grad.detach()), self._work_dtype(p),
+                              keep_prev=self.micro_batches > 1 and self._delay[p] > 1)
         self._delay[p] -= 1
         if self._delay[p] == 0:
             self._enqueue(p)
@@ -190,14 +207,30 @@ class _DistributedGSNR(GSNR):
             p.grad = torch.zeros_like(p)
             self._absent.add(p)
         self._densify(p)
+        name = self._parameter_names[p]
+        grad, ctx = self._compression.compress(p.grad)
+        pre, post = self._scale
+        if not self._needs_stats(p):
+            # gsnr_interval: ḡ alone; s of the last statistics step is reused (SPEC §1).
+            self._squares.take(p, self.micro_batches)
+            h = hvd.grouped_allreduce_async_([grad, present], name=name, op=self.op, process_set=self.process_set,
+                                             prescale_factor=pre, postscale_factor=post)
+            self._handles[p] = ("grad", h, ctx)
+            return
         # Local share of s, M·Σ_m g_m²; Average over workers gives (1/k)Σx².
         sq = self._squares.take(p, self.micro_batches)
         if sq is None:
             sq = torch.zeros_like(real_view(p), dtype=self._work_dtype(p))
-        name = self._parameter_names[p]
-        grad, ctx = self._compression.compress(p.grad)
-        pre, post = self._scale
-        if self.square_dtype == "bfloat16":
+        e = self._exponents.get(p) if self.square_dtype == "float16" else None
+        if e is not None:
+            # 2^e·s as float16 beside ḡ; the float32 share stays for a redo (squares16.needs_redo).
+            self._local[p] = sq
+            wire = torch.mul(sq, 2.0 ** e).to(torch.float16)
+            h = hvd.grouped_allreduce_async_([grad, wire, present], name=name, op=self.op,
+                                             process_set=self.process_set,
+                                             prescale_factor=pre, postscale_factor=post)
+            self._handles[p] = ("float16", h, ctx)
+        elif self.square_dtype == "bfloat16":
             bits = sq.to(torch.bfloat16).view(torch.int16).reshape(1, -1)
             h_g = hvd.grouped_allreduce_async_([grad, present], name=name, op=self.op,
                                                process_set=self.process_set,
@@ -242,24 +275,33 @@ class _DistributedGSNR(GSNR):
             # as in torch. Several: zeros, so that every rank reduces and steps it alike.
             if not (alone and p.grad is None):
                 self._enqueue(p)
-        present = {}
+        present, half = {}, {}
         for p, (kind, handle, ctx) in self._handles.items():
             if kind == "grouped":
                 grad, sq, present[p] = hvd.synchronize(handle)
+            elif kind == "grad":
+                grad, present[p] = hvd.synchronize(handle)
+                p.grad.set_(self._compression.decompress(grad, ctx))
+                continue
+            elif kind == "float16":
+                grad, half[p], present[p] = hvd.synchronize(handle)
+                p.grad.set_(self._compression.decompress(grad, ctx))
+                continue
             else:
                 grad, present[p] = hvd.synchronize(handle[0])
                 bits = hvd.synchronize(handle[1])
                 sq = bits.view(torch.bfloat16).reshape(-1, real_view(p).numel()).float().mean(0)
             p.grad.set_(self._compression.decompress(grad, ctx))
-            sq = sq.to(self._work_dtype(p)).view(real_view(p).shape)
-            self._stats[p] = torch.view_as_complex(sq) if p.is_complex() else sq
+            self._stats[p] = self._as_stats(p, sq)
+        if self.square_dtype == "float16":
+            self._float16_stats(half)
         # Only a parameter this rank did not use can be unused everywhere: one host read for those.
         absent = [p for p in self._absent if p in present]
         means = torch.cat([present[p] for p in absent]).tolist() if absent else []
         for p, mean in zip(absent, means):
             if mean == 0:  # no rank had a gradient: grad None, not stepped (identical on every rank)
                 p.grad = None
-                self._stats.pop(p)
+                self._stats.pop(p, None)
         self._absent.clear()
         nobody = stale and all(m == 0 for m in means)  # no rank had a backward: all raise below
         if stale and not nobody:
@@ -267,7 +309,8 @@ class _DistributedGSNR(GSNR):
                           "its gradient samples count as zeros (other ranks had gradients)")
         for p in self._delay:
             self._delay[p] = self.micro_batches
-        synced = [p for p in self._handles if p.grad is not None]
+        self._stat_count += 1
+        synced = [p for p in self._handles if p.grad is not None and p in self._stats]
         # One foreach pass in float32 (float64 only on overflow): a float64 norm would copy
         # every gradient to float64.
         self._gnorm.update(zip(synced, norms([p.grad for p in synced])))
@@ -276,6 +319,50 @@ class _DistributedGSNR(GSNR):
         if nobody:
             self._synchronized = False
             raise RuntimeError(_NO_BACKWARD.format(M=self.micro_batches))
+
+    def _float16_stats(self, half):
+        """s from the reduced float16 squares ``half`` (p → 2^e·s₁₆), and every tensor's next e.
+
+        Every rank holds the same reduced values, so every rank flags the same tensors
+        (``squares16.needs_redo``) and reduces them again in float32 together, by name.
+        The rest is unscaled in float32 as s = max(2^−e·s₁₆, ḡ² + a) (SPEC §1).
+        """
+        W, f = self.process_set.size(), 1.0 / self._scale[0]
+        ps = list(half)
+        peaks = torch.stack([h.max().float() if h.numel() else h.new_zeros((), dtype=torch.float32)
+                             for h in half.values()]).tolist() if ps else []
+        redo = [p for p, m in zip(ps, peaks)
+                if squares16.needs_redo(m, m == 0 and bool(p.grad.count_nonzero()))]
+        pre, post = self._scale
+        handles = [hvd.allreduce_async_(self._local[p], name=self._parameter_names[p] + ".sq32", op=self.op,
+                                        process_set=self.process_set, prescale_factor=pre, postscale_factor=post)
+                   for p in redo]
+        self.redone += len(redo)
+        for p, h in zip(redo, handles):
+            self._stats[p] = self._as_stats(p, hvd.synchronize(h))
+        flagged = set(redo)
+        for p, m in zip(ps, peaks):
+            if p in flagged:
+                continue
+            e = self._exponents[p]
+            s = self._local[p].copy_(half[p].view_as(self._local[p])).mul_(2.0 ** -e)
+            g = real_view(p.grad).to(s.dtype)
+            # s ≥ ḡ² (+ a: elements below float16's normal range keep a variance)
+            torch.maximum(s, (g * g).add_(squares16.absolute_floor(e, W)), out=s)
+            self._stats[p] = self._as_stats(p, s)
+            self._exponents[p] = squares16.next_exponent(m * 2.0 ** -e, W, f, e)
+        # First step (or a redo): e from the float32 s just reduced.
+        fresh = [p for p in self._stats if p in flagged or p not in self._exponents or self._exponents[p] is None]
+        if fresh:
+            maxima = torch.stack([real_view(self._stats[p]).max().float() if self._stats[p].numel()
+                                  else torch.zeros(()) for p in fresh]).tolist()
+            for p, m in zip(fresh, maxima):
+                self._exponents[p] = squares16.next_exponent(m, W, f, self._exponents.get(p))
+        self._local.clear()
+
+    def _as_stats(self, p, sq):
+        sq = sq.to(self._work_dtype(p)).view(real_view(p).shape)
+        return torch.view_as_complex(sq) if p.is_complex() else sq
 
     @contextmanager
     def skip_synchronize(self):
@@ -300,10 +387,14 @@ class _DistributedGSNR(GSNR):
         # reduction stands, so this wrapper does not.
         loss = _closure_and_synchronize(self, closure, again=False)
         sq, rescaled = {}, []
+        reuse = self.gsnr_interval > 1
         for group in self.param_groups:
             for p in group["params"]:
                 s = self._stats.pop(p, None)
                 n0 = self._gnorm.pop(p, None)
+                if s is None and reuse and p.grad is not None and p in self._kept:
+                    sq[p] = self._kept[p]  # as the statistics step used it (SPEC §1)
+                    continue
                 # Clipping or unscaling since synchronize() changed ‖p.grad‖ (GradScaler's
                 # in-place unscale leaves no version count to tell by).
                 if s is not None and p.grad is not None:
@@ -311,10 +402,15 @@ class _DistributedGSNR(GSNR):
                     sq[p] = s
         for (s, p, n0), n1 in zip(rescaled, norms([p.grad for _, p, _ in rescaled])):
             follow_rescale(s, n1, n0)
+            if reuse:
+                self._kept[p] = s
         if self.skip_nonfinite and _skip(self, list(sq.values())):
             return loss
-        # s is this wrapper's buffer (or a fresh tensor): the transform may overwrite it.
-        self._gsnr_sq, self._gsnr_sq_owned = sq, True
+        # s is this wrapper's buffer (or a fresh tensor): the transform may overwrite it, unless
+        # it is kept for the steps of a gsnr_interval.
+        self._gsnr_sq, self._gsnr_sq_owned = sq, not reuse
+        if self.square_dtype == "float16":
+            self._gsnr_floor = squares16.variance_floor(self.process_set.size())
         self._gsnr_step()
         return loss
 
@@ -334,6 +430,10 @@ class _DistributedGSNR(GSNR):
         self._squares.clear()
         self._stats.clear()
         self._gnorm.clear()
+        self._kept.clear()
+        self._local.clear()
+        self._exponents.clear()
+        self._stat_count = 0
         self._synchronized = False
         self._should_synchronize = True
         self._backward_seen = False
@@ -443,7 +543,7 @@ def _names(opt, named_parameters):
 def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, backward_passes_per_step=None,
                          op=_UNSET, gradient_predivide_factor=1.0, num_groups=0, groups=None,
                          sparse_as_dense=False, process_set=_UNSET, *, micro_batches=None,
-                         square_dtype=None, skip_nonfinite=False):
+                         square_dtype=None, skip_nonfinite=False, gsnr_interval=1):
     """``horovod.torch.DistributedOptimizer`` with s for the GSNR transform (docs/SPEC.md §1).
 
     Takes Horovod's arguments with Horovod's defaults, and any torch optimizer:
@@ -468,7 +568,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     * ``process_set``: ``hvd.global_process_set`` (default); k counts its workers.
     * ``square_dtype`` (GSNR only): None or ``"float32"`` (float32; float64 for float64
       parameters), ``"float64"``, or ``"bfloat16"`` where that is fewer bytes
-      (``rules.square_wire_dtype``); torch dtypes are accepted too.
+      (``rules.square_wire_dtype``), or ``"float16"``: scaled per tensor by a power of two
+      every rank knows, reduced as float16 in the same group as ḡ (1.5× plain Horovod's bytes
+      at any worker count; ``hvd_lb.squares16``, SPEC §1); torch dtypes are accepted too.
+    * ``gsnr_interval`` (GSNR only): N ≥ 1, s is reduced on every N-th step and reused with
+      each step's ḡ in between ((1 + 1/N)× the bytes of ḡ alone with float32 s; SPEC §1).
     * ``skip_nonfinite``: skip the step on every rank together when the averaged ḡ (or s)
       has a NaN/inf element, leaving the optimizer state untouched; counted in
       ``opt.skipped_steps``, one warning per 100 skips. Off by default: it costs one pass
@@ -497,6 +601,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
             or not 0 < gradient_predivide_factor < float("inf"):
         raise ValueError(f"invalid gradient_predivide_factor={gradient_predivide_factor!r}: must be in (0, inf)")
     square_dtype = rules.check_square_dtype(square_dtype)
+    gsnr_interval = squares16.check_interval(gsnr_interval)
     if not isinstance(skip_nonfinite, bool):
         raise ValueError(f"invalid skip_nonfinite={skip_nonfinite!r}: must be True or False")
     names = None
@@ -507,7 +612,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     config = dict(named_parameters=named_parameters, compression=compression, micro_batches=micro_batches,
                   op=op, gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
                   groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set,
-                  square_dtype=square_dtype, skip_nonfinite=skip_nonfinite)
+                  square_dtype=square_dtype, skip_nonfinite=skip_nonfinite, gsnr_interval=gsnr_interval)
 
     if not isinstance(optimizer, GSNR):
         names_now = {p: n for n, p in named_parameters} if named_parameters is not None else names or {}
@@ -551,7 +656,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=_UNSET, b
     settings = _agree(_settings(optimizer, {p: n for n, p in named_parameters or ()}, config, square_dtype),
                       process_set)
     wrapped = _DistributedGSNR(optimizer, named_parameters, compression, micro_batches, op, process_set,
-                            square_dtype, float(gradient_predivide_factor), skip_nonfinite, config)
+                            square_dtype, float(gradient_predivide_factor), skip_nonfinite, config, gsnr_interval)
     wrapped._agreement = (settings, process_set)
     return wrapped
 
@@ -588,7 +693,7 @@ def _settings(optimizer, names, config, square_dtype) -> dict:
     gsnr, groups = isinstance(optimizer, GSNR), optimizer.param_groups
     out = rules.agreement_settings(
         gsnr, optimizer.optimizer if gsnr else optimizer, config["micro_batches"], square_dtype,
-        config["skip_nonfinite"], config["op"], config["gradient_predivide_factor"],
+        config["skip_nonfinite"], config["op"], config["gradient_predivide_factor"], config["gsnr_interval"],
         **{"tensors (name, shape, dtype, requires_grad)": [
             [names.get(p, f"param_groups.{i}.{j}"), list(p.shape), str(p.dtype).replace("torch.", ""), p.requires_grad]
             for i, g in enumerate(groups) for j, p in enumerate(g["params"])]})

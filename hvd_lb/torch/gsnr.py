@@ -266,8 +266,11 @@ class GSNR(torch.optim.Optimizer):
     def _gsnr_step(self) -> None:
         sq, self._gsnr_sq = self._gsnr_sq, None
         owned, self._gsnr_sq_owned = self._gsnr_sq_owned, False
+        # ε_w of float16 squares (hvd_lb.squares16.variance_floor), set with s by the wrapper.
+        floor, self._gsnr_floor = getattr(self, "_gsnr_floor", None), None
         if sq is None and self._gsnr_source is not None:
             sq, owned = self._gsnr_source(self)
+            floor, self._gsnr_floor = getattr(self, "_gsnr_floor", None), None
         diag, swapped, new_state = [], [], []
         for group in self.param_groups:
             skip = set(group["gsnr_exclude"])
@@ -275,7 +278,7 @@ class GSNR(torch.optim.Optimizer):
             if not ps:
                 continue
             ss = self._stats_for(ps, sq)
-            g_hats, avgs, steps, mus, clipped = _gsnr(group, ps, ss, [self.state[p] for p in ps], owned)
+            g_hats, avgs, steps, mus, clipped = _gsnr(group, ps, ss, [self.state[p] for p in ps], owned, floor)
             diag.append((ps, mus.detach(), clipped.detach()))
             for p, g_hat, avg, t in zip(ps, g_hats, avgs, steps):
                 swapped.append((p, p.grad))
@@ -314,8 +317,10 @@ class GSNR(torch.optim.Optimizer):
 GSNRTransform = GSNR  # the name before the transform was a class of its own
 
 
-def _gsnr(group, ps, ss, states, owned):
+def _gsnr(group, ps, ss, states, owned, floor=None):
     """ĝ per tensor in float32 or wider. Returns (ĝ list, p_t list, t list, μ_r, clipped).
+
+    ``floor``: ε_w where s came as float16 (at least the working dtype's own).
 
     A complex tensor is its real and imaginary parts as separate elements (torch.optim's rule,
     ``view_as_real``): s then holds E[(Re x)²] + i·E[(Im x)²].
@@ -335,7 +340,7 @@ def _gsnr(group, ps, ss, states, owned):
     steps = [st.get("gsnr_step", 0) + 1 for st in states]  # lazily built: absent before step 1
     avgs = [real_view(st[rules.GSNR_SLOT]).to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
             for st, g in zip(states, wide)]
-    eps_w = [formulas.variance_floor(g.dtype == torch.float64) for g in wide]
+    eps_w = [max(formulas.variance_floor(g.dtype == torch.float64), floor or 0.0) for g in wide]
     if group["gsnr_fused"]:
         # Nothing allocated per step: p_t goes into the state's buffer (its working-dtype copy
         # where the state is narrower), ĝ into a buffer kept per parameter.
