@@ -456,13 +456,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             mixed = tf.reduce_any(tf.logical_and(flags[:n] != 0, flags[n:] != 0))
 
         def apply(dropped):
-            # A variable whose gradient is None on every rank gets None: Keras leaves it untouched.
-            if sq is not None:
-                # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
-                # every rank, so all ranks skip or step together.
-                _vr_target(self.inner_optimizer).set_grad_sq([None if d else s for s, d in zip(sq, dropped)])
-            self.inner_optimizer.apply([None if d else g for g, d in zip(mean, dropped)], tvs)
-            return tf.constant(True)
+            return self._apply_reduced(mean, sq, tvs, dropped)
 
         def step():
             if not any(absent) or mixed is False:
@@ -487,6 +481,16 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             return tf.constant(False)
 
         tf.cond(finite, step, skip)
+
+    def _apply_reduced(self, mean, sq, tvs, dropped):
+        """Step the wrapped optimizer on the reduced ḡ (and s for a GSNR); a variable whose
+        gradient is None on every rank gets None: Keras leaves it untouched."""
+        if sq is not None:
+            # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
+            # every rank, so all ranks skip or step together.
+            _vr_target(self.inner_optimizer).set_grad_sq([None if d else s for s, d in zip(sq, dropped)])
+        self.inner_optimizer.apply([None if d else g for g, d in zip(mean, dropped)], tvs)
+        return tf.constant(True)
 
     # -- delegation to the wrapped optimizer -------------------------------------------
 
