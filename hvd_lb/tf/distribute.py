@@ -140,7 +140,9 @@ def reduce_and_apply(layout, flats, n, apply, anchor, check_micro_batches=None):
     (``mean``: the first ``n`` tensors, ``sq``: the next ``n`` or None)."""
     strategy = tf.distribute.get_strategy()
     if tf.distribute.has_strategy():
-        reduced = strategy.extended.batch_reduce_to(SUM, [(f, f) for f in flats])
+        # To where the variables live (a per-replica value is a plain tensor with one local replica).
+        where = anchor.value if isinstance(anchor, keras.Variable) else anchor
+        reduced = strategy.extended.batch_reduce_to(SUM, [(f, where) for f in flats])
     else:
         reduced = flats
 
@@ -177,6 +179,45 @@ def replica_apply(optimizer, grads, variables):
                  *layout.pack(mean + sq))
 
 
+_KERAS_FIXED = []
+
+
+def fix_keras_multi_worker():
+    """Two failures of Keras 3's ``fit`` under MultiWorkerMirroredStrategy (measured with
+    Keras 3.15.1, any optimizer), mended in Keras's TF trainer; idempotent, called by
+    ``DistributedOptimizer``: ``_maybe_symbolic_build`` ``strategy.reduce``s a first (x, y)
+    batch as one value (fails on the tuple: the local replica's batch is used instead), and
+    the train step's metrics are reduced with ``axis=0`` (fails on scalars: reduced whole)."""
+    if _KERAS_FIXED:
+        return
+    from keras.src.backend.tensorflow import trainer as T
+    from keras.src import tree
+
+    _KERAS_FIXED.append(True)
+    reduce_per_replica, build = T.reduce_per_replica, T.TensorFlowTrainer._maybe_symbolic_build
+
+    def multi_worker(strategy):
+        return T._collective_all_reduce_multi_worker(strategy)
+
+    def fixed_reduce(values, strategy, reduction):
+        if reduction in ("auto", "mean") and multi_worker(strategy):
+            return tree.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None) if v.shape.rank == 0
+                else reduce_per_replica(v, strategy, reduction), values)
+        return reduce_per_replica(values, strategy, reduction)
+
+    def fixed_build(self, iterator=None, data_batch=None):
+        if iterator is not None and self._distribute_strategy is not None and multi_worker(self.distribute_strategy):
+            for _, _, it in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda x: x.values[0] if isinstance(x, tf.distribute.DistributedValues) else x, next(it))
+                break
+            iterator = None
+        return build(self, iterator, data_batch)
+
+    T.reduce_per_replica, T.TensorFlowTrainer._maybe_symbolic_build = fixed_reduce, fixed_build
+
+
 @keras.saving.register_keras_serializable(package="hvd_lb")
 class DistributedOptimizer(_HorovodOptimizer):
     """``hvd_lb.tf.DistributedOptimizer`` on ``tf.distribute`` instead of Horovod: build it
@@ -199,6 +240,7 @@ class DistributedOptimizer(_HorovodOptimizer):
         rules.check_bool("average_aggregated_gradients", average_aggregated_gradients)
         if _vr_target(optimizer) is not None:
             rules.check_samples(replicas(), micro_batches)
+        fix_keras_multi_worker()
         keras.optimizers.Optimizer.__init__(self, learning_rate=0.0, name=name or f"distributed_{optimizer.name}")
         self.inner_optimizer = optimizer
         self.micro_batches = micro_batches
