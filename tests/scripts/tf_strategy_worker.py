@@ -59,12 +59,12 @@ def replica_ids():
     return list(range(R)) if mode == "mirrored" else [task]
 
 
-def dataset(M, steps):
+def dataset(M, steps, start=0):
     """Per-replica batches of the horovodrun workers' data: replica r gets batch(r, i)."""
     def make(ctx):
         ids = replica_ids()
         xs, ys = [], []
-        for i in range(steps):
+        for i in range(start, start + steps):
             for r in ids:
                 x, y = batch(r, i)
                 xs.append(x)
@@ -102,7 +102,7 @@ def run_fit(kind, M, wrapped=True):
     model.fit(dataset(M, APPLIES), epochs=1, steps_per_epoch=APPLIES, verbose=0)
     inner = opt.inner_optimizer if wrapped else opt
     return {"weights": replica_weights(model), "iterations": int(inner.iterations.numpy()),
-            "calls": calls[n0:]}
+            "calls": calls[n0:], "state": [np.asarray(v.numpy()).tolist() for v in inner.variables]}
 
 
 def run_loop(kind, M):
@@ -127,6 +127,36 @@ def run_loop(kind, M):
     return {"weights": replica_weights(model), "iterations": int(opt.inner_optimizer.iterations.numpy())}
 
 
+def run_resume(kind, M, how, tmp):
+    """Half the micro-batches, save (``.keras`` or ``tf.train.Checkpoint``), a fresh model and
+    optimizer in the scope restored from it, the other half: must equal the uninterrupted fit."""
+    half = APPLIES // 2
+    with strategy.scope():
+        model = make_model()
+        opt = build(kind, M)
+        model.compile(optimizer=opt, loss="mse")
+    model.fit(dataset(M, half), epochs=1, steps_per_epoch=half, verbose=0)
+    path = os.path.join(tmp, f"{kind}-{M}-{how}-{task}")
+    if how == "keras":
+        model.save(path + ".keras")
+        with strategy.scope():
+            model = keras.models.load_model(path + ".keras")
+        opt = model.optimizer
+    else:
+        ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
+        saved = ckpt.write(path)
+        with strategy.scope():
+            model = make_model()
+            model.set_weights([np.zeros_like(w) for w in init_dense(0)])
+            opt = build(kind, M)
+            model.compile(optimizer=opt, loss="mse")
+            opt.build(model.trainable_variables)
+        tf.train.Checkpoint(model=model, optimizer=opt).read(saved).assert_consumed()
+    model.fit(dataset(M, half, half), epochs=1, steps_per_epoch=half, verbose=0)
+    return {"weights": replica_weights(model), "iterations": int(opt.inner_optimizer.iterations.numpy()),
+            "state": [np.asarray(v.numpy()).tolist() for v in opt.inner_optimizer.variables]}
+
+
 t0 = time.time()
 for case in cases:
     kind, where, M = case.split(":")
@@ -135,6 +165,11 @@ for case in cases:
         out[case] = run_fit(kind, M)
     elif where == "bare":  # built in the scope without the wrapper
         out[case] = run_fit(kind, M, wrapped=False)
+    elif where in ("keras", "ckpt"):
+        out[case] = run_resume(kind, M, where, out_dir)
+    elif where == "full":  # the uninterrupted run of the resume cases, with the state
+        res = run_fit(kind, M)
+        out[case] = res
     else:
         out[case] = run_loop(kind, M)
 out["seconds"] = time.time() - t0
