@@ -22,9 +22,13 @@ pytestmark = pytest.mark.multiprocess
 WORKER = ROOT / "tests/scripts/tf_strategy_worker.py"
 NAMES = list(rules.NAMES)
 RESUME = [f"{k}:{how}:{M}" for k, M in (("vr-lamb", 2), ("gsnr-adamw", 1)) for how in ("full", "keras", "ckpt")]
-CASES = ([f"{n}:fit:{M}" for n in NAMES for M in (1, 2)]
-         + ["gsnr-adamw:fit:1", "gsnr-adamw:fit:2", "vr-momentum:loop:2", "sngm:loop:1", "gsnr-adamw:loop:1",
-            "lamb:bare:1", "vr-adam:bare:1"] + RESUME)
+OTHERS = ["gsnr-adamw:fit:1", "gsnr-adamw:fit:2", "vr-momentum:loop:2", "sngm:loop:1", "gsnr-adamw:loop:1",
+          "lamb:bare:1", "vr-adam:bare:1"]
+CASES = [f"{n}:fit:{M}" for n in NAMES for M in (1, 2)] + OTHERS + RESUME
+# MultiWorkerMirroredStrategy on this 2-core machine: ~15 s per case under load (gRPC collectives,
+# a fit's set-up), so the default run takes a base rule, a vr- rule and SNGM's global norm at
+# M = 1 and 2 and the rest once; "mwms-full" (slow) runs every case.
+MWMS_CASES = [f"{n}:fit:{M}" for n in ("lamb", "vr-lamb", "vr-sngm") for M in (1, 2)] + OTHERS + RESUME
 
 
 def _env():
@@ -33,7 +37,7 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module", params=["mirrored", "mwms"])
+@pytest.fixture(scope="module", params=["mirrored", "mwms", pytest.param("mwms-full", marks=pytest.mark.slow)])
 def ranks(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(request.param)
     if request.param == "mirrored":
@@ -41,7 +45,7 @@ def ranks(request, tmp_path_factory):
         n = 1
     else:
         cmd = [sys.executable, "-m", "hvd_lb.launch.tfrun", "-np", "2", "--", sys.executable, str(WORKER),
-               str(out), "mwms", *CASES]
+               str(out), "mwms", *(CASES if request.param == "mwms-full" else MWMS_CASES)]
         n = 2
     run_command(cmd, timeout=900, env=_env())
     res = read_rank_json(out, n)
@@ -64,6 +68,8 @@ def _want(kind, M):
 def max_diff(ranks, case, want):
     """Max |w − reference| over every replica's copy on every process; also asserts the copies
     are bit-identical."""
+    if case not in ranks[0]:
+        pytest.skip(f"{case} runs in the mirrored and mwms-full (slow) configurations")
     first = ranks[0][case]["weights"]
     worst = 0.0
     for res in ranks:
@@ -107,7 +113,8 @@ def test_one_collective_per_step(ranks):
     for res in ranks:
         for name in NAMES:
             for M in (1, 2):
-                assert res[f"{name}:fit:{M}"]["calls"] == [1], (name, M)
+                if f"{name}:fit:{M}" in res:
+                    assert res[f"{name}:fit:{M}"]["calls"] == [1], (name, M)
         assert res["vr-adam:bare:1"]["calls"] == [1]
 
 
