@@ -35,7 +35,6 @@ from .. import rules
 from ._ops import stat_dtype, work_dtype
 from .distributed import DistributedOptimizer as _HorovodOptimizer
 from .distributed import _check_same_micro_batches, _filled, _sample, _vr_target
-from .gsnr import _densify
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -162,7 +161,10 @@ def reduce_and_apply(layout, flats, n, apply, anchor, check_micro_batches=None):
 def replica_apply(optimizer, grads, variables):
     """A ``GSNR`` stepped inside ``strategy.run`` without ``DistributedOptimizer`` (M = 1):
     [g, x²] of the present gradients in one all-reduce, then ``optimizer.apply`` with ḡ and s."""
+    from .gsnr import _densify
+
     rules.check_samples(replicas(), 1)
+    grads = [_densify(g, True)[0] for g in grads]  # (GSNR.apply warned already)
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     if not pairs:
         raise ValueError("No gradients provided for any variable.")
@@ -280,17 +282,7 @@ class DistributedOptimizer(_HorovodOptimizer):
         return
 
     def apply(self, grads, trainable_variables=None):
-        if not self.built:
-            with keras.name_scope(self.name, caller=self):
-                self.build(trainable_variables)
-            self.built = True
-        tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
-        grads = list(grads)
-        for i, g in enumerate(grads):
-            grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
-        if all(g is None for g in grads):
-            raise ValueError("No gradients provided for any variable.")
-        absent = [g is None for g in grads]
+        tvs, grads, absent = self._begin(grads, trainable_variables)
         M = self.micro_batches
         dense = [tf.cast(g, work_dtype(g.dtype)) for g in _filled(grads, tvs)]
         mean, sq = shares(dense, self.inner_optimizer, M, self.needs_squares, self.average_aggregated_gradients)

@@ -378,7 +378,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     set_weights = set_all_weights
 
-    def apply(self, grads, trainable_variables=None):
+    def _begin(self, grads, trainable_variables):
+        """The start of ``apply`` (both engines): build on first use, check the ranks agree →
+        (variables, gradients, which are None: this rank's, known when traced, see _step)."""
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
@@ -391,7 +393,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
         if all(g is None for g in grads):
             raise ValueError("No gradients provided for any variable.")
-        absent = [g is None for g in grads]  # this rank's, known when traced (see _step)
+        return tvs, grads, [g is None for g in grads]
+
+    def apply(self, grads, trainable_variables=None):
+        tvs, grads, absent = self._begin(grads, trainable_variables)
         # 16-bit gradients are reduced and handed on in float32 (``compression="fp16"`` halves the wire).
         grads = [tf.cast(g, work_dtype(g.dtype)) for g in _filled(grads, tvs)]
         if self.micro_batches == 1:
