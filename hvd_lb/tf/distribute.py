@@ -161,10 +161,7 @@ def reduce_and_apply(layout, flats, n, apply, anchor, check_micro_batches=None):
 def replica_apply(optimizer, grads, variables):
     """A ``GSNR`` stepped inside ``strategy.run`` without ``DistributedOptimizer`` (M = 1):
     [g, x²] of the present gradients in one all-reduce, then ``optimizer.apply`` with ḡ and s."""
-    from .gsnr import _densify
-
     rules.check_samples(replicas(), 1)
-    grads = [_densify(g, True)[0] for g in grads]  # (GSNR.apply warned already)
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     if not pairs:
         raise ValueError("No gradients provided for any variable.")

@@ -228,13 +228,13 @@ class GSNR(keras.optimizers.Optimizer):
         from . import distribute as _strategy  # (imports this module)
 
         grads = list(grads)
+        for i, g in enumerate(grads):
+            grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
         if self._io.pending_sq is None and _strategy.in_replica_step():
             # tf.distribute without hvd_lb.tf.distribute.DistributedOptimizer: [g, x²] in one
             # all-reduce here, then this apply again with ḡ and s from the cross-replica context.
             tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
             return _strategy.replica_apply(self, grads, tvs)
-        for i, g in enumerate(grads):
-            grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
         if len(grads):
             sq, self._io.pending_sq = self._io.pending_sq, None
             tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
