@@ -25,10 +25,12 @@ RESUME = [f"{k}:{how}:{M}" for k, M in (("vr-lamb", 2), ("gsnr-adamw", 1)) for h
 OTHERS = ["gsnr-adamw:fit:1", "gsnr-adamw:fit:2", "vr-momentum:loop:2", "sngm:loop:1", "gsnr-adamw:loop:1",
           "lamb:bare:1", "vr-adam:bare:1"]
 CASES = [f"{n}:fit:{M}" for n in NAMES for M in (1, 2)] + OTHERS + RESUME
-# MultiWorkerMirroredStrategy on this 2-core machine: ~15 s per case under load (gRPC collectives,
-# a fit's set-up), so the default run takes a base rule, a vr- rule and SNGM's global norm at
-# M = 1 and 2 and the rest once; "mwms-full" (slow) runs every case.
-MWMS_CASES = [f"{n}:fit:{M}" for n in ("lamb", "vr-lamb", "vr-sngm") for M in (1, 2)] + OTHERS + RESUME
+# MultiWorkerMirroredStrategy on this 2-core machine: ~15 s per case under load (a fit's set-up
+# and collectives between two processes), so the default run takes vr-lamb at M = 1 and 2,
+# GSNR(AdamW), a custom loop, a bare rule and one resume; "mwms-full" (slow) runs every case
+# (measured: all pass, 587 s at load 10-14).
+MWMS_CASES = ["vr-lamb:fit:1", "vr-lamb:fit:2", "gsnr-adamw:fit:2", "vr-momentum:loop:2", "lamb:bare:1",
+              "vr-lamb:full:2", "vr-lamb:ckpt:2"]
 
 
 def _env():
@@ -115,7 +117,9 @@ def test_one_collective_per_step(ranks):
             for M in (1, 2):
                 if f"{name}:fit:{M}" in res:
                     assert res[f"{name}:fit:{M}"]["calls"] == [1], (name, M)
-        assert res["vr-adam:bare:1"]["calls"] == [1]
+        for case in ("vr-adam:bare:1", "gsnr-adamw:fit:2"):
+            if case in res:
+                assert res[case]["calls"] == [1], case
 
 
 @pytest.mark.parametrize("kind, M", [("vr-lamb", 2), ("gsnr-adamw", 1)])
@@ -124,6 +128,8 @@ def test_resume_equals_uninterrupted(ranks, kind, M, how):
     """Half the steps, save (.keras / tf.train.Checkpoint), restore into a fresh model and
     optimizer in the scope, the other half: weights and optimizer state (p_t, step) as the
     uninterrupted run, bit for bit."""
+    if f"{kind}:{how}:{M}" not in ranks[0]:
+        pytest.skip("runs in the mirrored and mwms-full (slow) configurations")
     for res in ranks:
         full, got = res[f"{kind}:full:{M}"], res[f"{kind}:{how}:{M}"]
         assert got["weights"] == full["weights"]
@@ -145,7 +151,7 @@ def test_k_below_two_refused_in_the_scope():
 FAULT = ROOT / "tests/scripts/tf_strategy_fault.py"
 
 
-@pytest.mark.parametrize("supervised", [False, True])
+@pytest.mark.parametrize("supervised", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_killed_worker_ends_the_job(tmp_path, supervised):
     """Worker 1 is SIGKILLed in the middle of a step (between micro-batches, while worker 0
     waits in the all-reduce). Alone, worker 0 ends with an error within its collective timeout
