@@ -238,6 +238,10 @@ class DistributedOptimizer(_HorovodOptimizer):
         micro_batches = rules.check_micro_batches(micro_batches)
         rules.check_bool("average_aggregated_gradients", average_aggregated_gradients)
         if _vr_target(optimizer) is not None:
+            if not tf.distribute.has_strategy() and micro_batches < 2:
+                raise ValueError("invalid place for hvd_lb.tf.distribute.DistributedOptimizer with GSNR: build it "
+                                 "inside strategy.scope(), where k counts the strategy's replicas (outside any "
+                                 "strategy k = micro_batches = 1)")
             rules.check_samples(replicas(), micro_batches)
         fix_keras_multi_worker()
         keras.optimizers.Optimizer.__init__(self, learning_rate=0.0, name=name or f"distributed_{optimizer.name}")
