@@ -37,6 +37,7 @@ from .distributed import DistributedOptimizer as _HorovodOptimizer
 from .distributed import _check_same_micro_batches, _filled, _sample, _vr_target
 
 SUM = tf.distribute.ReduceOp.SUM
+MORE = "replicas (MirroredStrategy over 2 or more devices, or 2 or more TF_CONFIG workers)"
 
 
 def replicas() -> int:
@@ -161,7 +162,7 @@ def reduce_and_apply(layout, flats, n, apply, anchor, check_micro_batches=None):
 def replica_apply(optimizer, grads, variables):
     """A ``GSNR`` stepped inside ``strategy.run`` without ``DistributedOptimizer`` (M = 1):
     [g, x²] of the present gradients in one all-reduce, then ``optimizer.apply`` with ḡ and s."""
-    rules.check_samples(replicas(), 1)
+    rules.check_samples(replicas(), 1, MORE)
     pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
     if not pairs:
         raise ValueError("No gradients provided for any variable.")
@@ -242,7 +243,7 @@ class DistributedOptimizer(_HorovodOptimizer):
                 raise ValueError("invalid place for hvd_lb.tf.distribute.DistributedOptimizer with GSNR: build it "
                                  "inside strategy.scope(), where k counts the strategy's replicas (outside any "
                                  "strategy k = micro_batches = 1)")
-            rules.check_samples(replicas(), micro_batches)
+            rules.check_samples(replicas(), micro_batches, MORE)
         fix_keras_multi_worker()
         keras.optimizers.Optimizer.__init__(self, learning_rate=0.0, name=name or f"distributed_{optimizer.name}")
         self.inner_optimizer = optimizer
