@@ -140,9 +140,11 @@ def reduce_and_apply(layout, flats, n, apply, anchor, check_micro_batches=None):
     (``mean``: the first ``n`` tensors, ``sq``: the next ``n`` or None)."""
     strategy = tf.distribute.get_strategy()
     if tf.distribute.has_strategy():
-        # To where the variables live (a per-replica value is a plain tensor with one local replica).
+        # Back to where each replica's buffer is; with one local replica (MWMS) the buffer is a
+        # plain tensor: to where the variables live.
         where = anchor.value if isinstance(anchor, keras.Variable) else anchor
-        reduced = strategy.extended.batch_reduce_to(SUM, [(f, where) for f in flats])
+        reduced = strategy.extended.batch_reduce_to(
+            SUM, [(f, f if isinstance(f, tf.distribute.DistributedValues) else where) for f in flats])
     else:
         reduced = flats
 

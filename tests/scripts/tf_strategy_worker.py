@@ -165,11 +165,8 @@ for case in cases:
         out[case] = run_fit(kind, M)
     elif where == "bare":  # built in the scope without the wrapper
         out[case] = run_fit(kind, M, wrapped=False)
-    elif where in ("keras", "ckpt"):
+    elif where in ("keras", "ckpt"):  # the uninterrupted run is kind:fit:M
         out[case] = run_resume(kind, M, where, out_dir)
-    elif where == "full":  # the uninterrupted run of the resume cases, with the state
-        res = run_fit(kind, M)
-        out[case] = res
     else:
         out[case] = run_loop(kind, M)
 out["seconds"] = time.time() - t0
