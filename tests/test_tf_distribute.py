@@ -23,7 +23,7 @@ WORKER = ROOT / "tests/scripts/tf_strategy_worker.py"
 NAMES = list(rules.NAMES)
 RESUME = [f"{k}:{how}:{M}" for k, M in (("vr-lamb", 2), ("gsnr-adamw", 1)) for how in ("keras", "ckpt")]
 OTHERS = ["gsnr-adamw:fit:1", "gsnr-adamw:fit:2", "vr-momentum:loop:2", "sngm:loop:1", "gsnr-adamw:loop:1",
-          "lamb:bare:1", "vr-adam:bare:1"]
+          "lamb:bare:1", "vr-adam:bare:1", "vr-lamb:loopnone:2", "vr-sgd:sparse:1"]
 CASES = [f"{n}:fit:{M}" for n in NAMES for M in (1, 2)] + OTHERS + RESUME
 # MultiWorkerMirroredStrategy on this 2-core machine: ~20 s per case under load (a fit's set-up
 # and collectives between two processes), so the default run takes vr-lamb (M = 2), GSNR(AdamW)
@@ -107,6 +107,28 @@ def test_built_in_the_scope_without_wrapper(ranks, case):
     """A rule or a vr- rule built in the scope and given to compile as it is (M = 1)."""
     kind = case.split(":")[0]
     assert max_diff(ranks, case, _want(kind, 1)) <= 1e-10
+
+
+def test_none_gradient_left_alone(ranks):
+    """A variable outside the loss (None gradient on every replica) is not touched, as Keras does;
+    the others step as without it."""
+    case = "vr-lamb:loopnone:2"
+    assert max_diff(ranks, case, _want("vr-lamb", 2)) <= 1e-10
+    for res in ranks:
+        assert res[case]["unused"] == [[[1.0, 1.0], [1.0, 1.0]]] * len(res[case]["unused"])
+
+
+def test_sparse_gradient_reduced_dense(ranks):
+    """An Embedding's tf.IndexedSlices gradient is reduced dense (GSNR warns once): every
+    variable moves and the replicas' copies stay identical."""
+    case = "vr-sgd:sparse:1"
+    if case not in ranks[0]:
+        pytest.skip("runs in the mirrored and mwms-full (slow) configurations")
+    first = ranks[0][case]["weights"]
+    for res in ranks:
+        assert res[case]["moved"] == [True, True, True] and res[case]["warned"]
+        for copies, ref in zip(res[case]["weights"], first):
+            assert all(w == ref[0] for w in copies)
 
 
 def test_one_collective_per_step(ranks):

@@ -105,12 +105,14 @@ def run_fit(kind, M, wrapped=True):
             "calls": calls[n0:], "state": [np.asarray(v.numpy()).tolist() for v in inner.variables]}
 
 
-def run_loop(kind, M):
-    """A custom loop: strategy.run of a tf.function step, loss scaled by 1/R as compute_average_loss."""
+def run_loop(kind, M, unused=False):
+    """A custom loop: strategy.run of a tf.function step, loss scaled by 1/R as compute_average_loss.
+    ``unused``: one more variable, outside the loss (a None gradient on every replica)."""
     with strategy.scope():
         model = make_model()
         opt = build(kind, M)
-        tvs = model.trainable_variables
+        extra = keras.Variable(np.ones((2, 2)), name="unused") if unused else None
+        tvs = model.trainable_variables + ([extra] if unused else [])
         opt.build(tvs)  # in the scope, before the first traced step (as for any optimizer under a strategy)
 
     @tf.function
@@ -124,7 +126,35 @@ def run_loop(kind, M):
 
     for x, y in dataset(M, APPLIES):
         step(x, y)
-    return {"weights": replica_weights(model), "iterations": int(opt.inner_optimizer.iterations.numpy())}
+    out = {"weights": replica_weights(model), "iterations": int(opt.inner_optimizer.iterations.numpy())}
+    if unused:
+        out["unused"] = [np.asarray(x).tolist() for x in strategy.experimental_local_results(extra.value)]
+    return out
+
+
+def run_sparse(kind, M):
+    """An Embedding model: its gradient is a tf.IndexedSlices, reduced dense."""
+    import warnings
+
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,), dtype="int32"), keras.layers.Embedding(10, 3),
+                                  keras.layers.Flatten(), keras.layers.Dense(1)])
+        opt = build(kind, M)
+        model.compile(optimizer=opt, loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+
+    def make(ctx):
+        rng = np.random.default_rng(ctx.input_pipeline_id)
+        n = BATCH * len(replica_ids()) * APPLIES
+        return tf.data.Dataset.from_tensor_slices((rng.integers(0, 10, (n, 2)).astype("int32"),
+                                                   rng.normal(size=(n, 1)))).batch(BATCH)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(strategy.distribute_datasets_from_function(make), epochs=1, steps_per_epoch=APPLIES, verbose=0)
+    return {"weights": replica_weights(model), "moved": [bool(np.any(w != b)) for w, b in
+                                                         zip(model.get_weights(), before)],
+            "warned": any("sparse gradients are densified" in str(w.message) for w in caught)}
 
 
 def run_resume(kind, M, how, tmp):
@@ -167,8 +197,10 @@ for case in cases:
         out[case] = run_fit(kind, M, wrapped=False)
     elif where in ("keras", "ckpt"):  # the uninterrupted run is kind:fit:M
         out[case] = run_resume(kind, M, where, out_dir)
+    elif where == "sparse":
+        out[case] = run_sparse(kind, M)
     else:
-        out[case] = run_loop(kind, M)
+        out[case] = run_loop(kind, M, unused=where == "loopnone")
 out["seconds"] = time.time() - t0
 with open(os.path.join(out_dir, f"rank{task}.json"), "w") as f:
     json.dump(out, f)
