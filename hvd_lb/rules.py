@@ -403,8 +403,12 @@ def small_k_note(workers: int, micro_batches: int) -> Optional[str]:
             "worker's batch) or more workers")
 
 
-def check_samples(workers: int, micro_batches: int) -> int:
+HOROVOD_WORKERS = "Horovod workers (horovodrun -np 2 or more)"
+
+
+def check_samples(workers: int, micro_batches: int, more_workers: str = HOROVOD_WORKERS) -> int:
     """k = workers × micro_batches for a VR rule; raise if there is no variance (k < 2).
+    ``more_workers``: how to get more of them on this engine, for the message.
 
     k < 8 warns once per process and k (``small_k_note``), however many optimizers, steps
     and call sites check it.
@@ -417,7 +421,7 @@ def check_samples(workers: int, micro_batches: int) -> int:
         raise ValueError(
             f"VR optimizers need k = workers × micro_batches ≥ 2 gradient samples to estimate "
             f"the gradient variance, got k = {workers} × {micro_batches} = {k}: run with more "
-            "Horovod workers (horovodrun -np 2 or more) or pass micro_batches=2 or more"
+            f"{more_workers} or pass micro_batches=2 or more"
         )
     if k < SMALL_K and k not in _WARNED_K:
         _WARNED_K.add(k)

@@ -58,10 +58,11 @@ def run_mpirun(args, np: int = 2, timeout: float = 240, out_dir=None):
     return run_command(cmd, timeout, out_dir)
 
 
-def run_command(cmd, timeout: float, out_dir=None):
-    """Run ``cmd`` with ``horovod_env()``; fail the test with its output on an error or a timeout."""
+def run_command(cmd, timeout: float, out_dir=None, env=None):
+    """Run ``cmd`` with ``env`` (default ``horovod_env()``); fail the test with its output on an
+    error or a timeout."""
     try:
-        proc = subprocess.run(cmd, cwd=out_dir or ROOT, env=horovod_env(), capture_output=True,
+        proc = subprocess.run(cmd, cwd=out_dir or ROOT, env=env or horovod_env(), capture_output=True,
                               text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")

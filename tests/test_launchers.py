@@ -1,4 +1,4 @@
-"""``hvd-lb run --launcher horovodrun|mpirun|torchrun`` prints the command it runs (dry run)."""
+"""``hvd-lb run --launcher horovodrun|mpirun|torchrun|tf`` prints the command it runs (dry run)."""
 import subprocess
 import sys
 
@@ -17,6 +17,7 @@ def run_cli(*args):
                "train.py --lr 0.1"),
     ("torchrun", "--standalone --nproc-per-node 2 train.py --lr 0.1"),
     ("horovodrun", "horovodrun -np 2 -H localhost:2"),
+    ("tf", f"{sys.executable} -m hvd_lb.launch.tfrun -np 2 -- {sys.executable} train.py --lr 0.1"),
 ])
 def test_launcher_prints_its_command(launcher, expected):
     proc = run_cli("--launcher", launcher, "-np", "2", "--threads", "1", "--dry-run", "--",
@@ -34,6 +35,8 @@ def test_launcher_prints_its_command(launcher, expected):
     (["--launcher", "torchrun", "--gloo", "-np", "2"], "invalid --gloo with --launcher torchrun"),
     (["--launcher", "torchrun", "-H", "a:2,b:2", "-np", "4"], "invalid -H with --launcher torchrun"),
     (["--launcher", "mpirun", "-np", "0"], "invalid -np 0"),
+    (["--launcher", "tf", "-H", "a:2,b:2", "-np", "4"], "invalid -H with --launcher tf"),
+    (["--launcher", "tf", "--mpi", "-np", "2"], "invalid --mpi with --launcher tf"),
 ])
 def test_launcher_usage_errors(args, message):
     proc = run_cli(*args, "--dry-run", "--", "python", "train.py")

@@ -142,10 +142,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hvd-lb", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     demo.add_arguments(sub.add_parser("demo", help="large-batch Fashion-MNIST: base vs VR optimizers"))
-    r = sub.add_parser("run", help="horovodrun (or mpirun, torchrun) with sensible defaults; prints the command")
+    r = sub.add_parser("run", help="horovodrun (or mpirun, torchrun, tf) with sensible defaults; prints the command")
     r.add_argument("--launcher", choices=LAUNCHERS, default="horovodrun",
                    help="horovodrun (default), mpirun (Horovod without horovodrun, e.g. with mpi4py) "
-                        "or torchrun (DDP with hvd_lb.torch.ddp, no Horovod)")
+                        "torchrun (DDP with hvd_lb.torch.ddp, no Horovod) or tf (tf.distribute "
+                        "MultiWorkerMirroredStrategy workers with TF_CONFIG on this host, no Horovod)")
     r.add_argument("-np", "--num-proc", dest="np", required=True, help="number of workers, ≥ 1")
     r.add_argument("-H", "--hosts", default=None, help="host:slots,... (default localhost:NP)")
     g = r.add_mutually_exclusive_group()

@@ -1,8 +1,9 @@
-"""``hvd-lb run --launcher mpirun|torchrun``: the command line and environment (horovodrun: horovodrun.py).
+"""``hvd-lb run --launcher mpirun|torchrun|tf``: the command line and environment (horovodrun: horovodrun.py).
 
 ``mpirun`` starts Horovod workers without horovodrun (the script may call
 ``hvd.init(comm=MPI.COMM_WORLD)`` with mpi4py); ``torchrun`` starts DDP workers for
-``hvd_lb.torch.ddp`` (no Horovod at all).
+``hvd_lb.torch.ddp`` (no Horovod at all); ``tf`` starts ``tf.distribute.MultiWorkerMirroredStrategy``
+workers with ``TF_CONFIG`` on loopback ports (``tfrun.py``; no Horovod either).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import List, Optional
 
 from .horovodrun import UsageError, resolve_python
 
-LAUNCHERS = ("horovodrun", "mpirun", "torchrun")
+LAUNCHERS = ("horovodrun", "mpirun", "torchrun", "tf")
 
 
 def _local_workers(np_: int, hosts: Optional[str]) -> int:
@@ -24,7 +25,7 @@ def _local_workers(np_: int, hosts: Optional[str]) -> int:
 
 def build_launch_command(launcher: str, np_: int, hosts: Optional[str], command: List[str],
                          threads: Optional[int]) -> tuple:
-    """(command line, environment) for ``mpirun`` or ``torchrun`` with ``np_`` workers."""
+    """(command line, environment) for ``mpirun``, ``torchrun`` or ``tf`` with ``np_`` workers."""
     if launcher not in LAUNCHERS[1:]:
         raise UsageError(f"invalid --launcher {launcher}: must be one of {', '.join(LAUNCHERS)}")
     if np_ < 1:
@@ -50,8 +51,13 @@ def build_launch_command(launcher: str, np_: int, hosts: Optional[str], command:
                "-x", "OMP_NUM_THREADS", "-x", "PATH", *resolve_python(command)]
         return cmd, env
     if hosts and any(not h.startswith("localhost") for h in hosts.split(",")):
+        if launcher == "tf":
+            raise UsageError("invalid -H with --launcher tf: it starts the workers of one host; across hosts "
+                             "start one worker per host with TF_CONFIG (README, Without Horovod)")
         raise UsageError("invalid -H with --launcher torchrun: torchrun starts the workers of one node; "
                          "on each node run torchrun --nnodes N --node-rank R --rdzv-endpoint HOST:PORT ...")
+    if launcher == "tf":
+        return [sys.executable, "-m", "hvd_lb.launch.tfrun", "-np", str(np_), "--", *resolve_python(command)], env
     # torchrun runs the script with its own interpreter: drop a leading "python".
     if os.path.basename(command[0]).startswith("python"):
         command = command[1:]

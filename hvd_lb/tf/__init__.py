@@ -9,6 +9,8 @@ and the GSNR transform (``GSNR``).
 ``import hvd_lb.tf.keras as hvd`` does the same for ``horovod.tensorflow.keras``.
 ``horovod.tensorflow`` is imported on first distributed use, so the optimizers
 (and loading a saved model that uses ``DistributedOptimizer``) work without it.
+Without Horovod, ``hvd_lb.tf.distribute`` runs the same rules on TensorFlow's own engine
+(``tf.distribute`` MirroredStrategy / MultiWorkerMirroredStrategy).
 """
 import importlib
 

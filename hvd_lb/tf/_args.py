@@ -29,8 +29,11 @@ def check_keras(rule: rules.Rule, hparams) -> None:
 def check_learning_rate(value, where: str = ""):
     """A learning rate set after construction: a number, or a tensor whose value is known (eager),
     must be finite and ≥ 0. Schedules, callables and graph tensors are checked at the step."""
-    static = tf.get_static_value(value) if tf.is_tensor(value) and not isinstance(
-        value, (tf.Variable, keras.Variable)) else value
+    if isinstance(value, (tf.Variable, keras.Variable)):
+        # (a MirroredVariable under tf.distribute has no float())
+        static = value.numpy() if tf.executing_eagerly() else None
+    else:
+        static = tf.get_static_value(value) if tf.is_tensor(value) else value
     if isinstance(static, Real) or getattr(static, "shape", None) == ():
         replace(rules.LR(0.0), name="learning_rate").check(float(static), where)
     return value

@@ -384,7 +384,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     set_weights = set_all_weights
 
-    def apply(self, grads, trainable_variables=None):
+    def _begin(self, grads, trainable_variables):
+        """The start of ``apply`` (both engines): build on first use, check the ranks agree →
+        (variables, gradients, which are None: this rank's, known when traced, see _step)."""
         if not self.built:
             with keras.name_scope(self.name, caller=self):
                 self.build(trainable_variables)
@@ -397,7 +399,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
                 grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
         if all(g is None for g in grads):
             raise ValueError("No gradients provided for any variable.")
-        absent = [g is None for g in grads]  # this rank's, known when traced (see _step)
+        return tvs, grads, [g is None for g in grads]
+
+    def apply(self, grads, trainable_variables=None):
+        tvs, grads, absent = self._begin(grads, trainable_variables)
         # 16-bit gradients are reduced and handed on in float32 (``compression="fp16"`` halves the wire).
         grads = [tf.cast(g, work_dtype(g.dtype)) for g in _filled(grads, tvs)]
         if self.micro_batches == 1:
@@ -471,14 +476,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             mixed = tf.reduce_any(tf.logical_and(flags[:n] != 0, flags[n:] != 0))
 
         def apply(dropped):
-            # A variable whose gradient is None on every rank gets None: Keras leaves it untouched.
-            if sq is not None:
-                # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
-                # every rank, so all ranks skip or step together.
-                _vr_target(self.inner_optimizer).set_grad_sq([None if d else s for s, d in zip(sq, dropped)],
-                                                             _squares16.floor(self, workers))
-            self.inner_optimizer.apply([None if d else g for g, d in zip(mean, dropped)], tvs)
-            return tf.constant(True)
+            return self._apply_reduced(mean, sq, tvs, dropped, workers)
 
         def step():
             if not any(absent) or mixed is False:
@@ -503,6 +501,17 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             return tf.constant(False)
 
         tf.cond(finite, step, skip)
+
+    def _apply_reduced(self, mean, sq, tvs, dropped, workers=1):
+        """Step the wrapped optimizer on the reduced ḡ (and s for a GSNR); a variable whose
+        gradient is None on every rank gets None: Keras leaves it untouched."""
+        if sq is not None:
+            # Under LossScaleOptimizer the finite check runs on the all-reduced ḡ, identical on
+            # every rank, so all ranks skip or step together.
+            _vr_target(self.inner_optimizer).set_grad_sq([None if d else s for s, d in zip(sq, dropped)],
+                                                         _squares16.floor(self, workers))
+        self.inner_optimizer.apply([None if d else g for g, d in zip(mean, dropped)], tvs)
+        return tf.constant(True)
 
     # -- delegation to the wrapped optimizer -------------------------------------------
 

@@ -228,9 +228,16 @@ class GSNR(keras.optimizers.Optimizer):
         self._io.floor = floor
 
     def apply(self, grads, trainable_variables=None):
+        from . import distribute as _strategy  # (imports this module)
+
         grads = list(grads)
         for i, g in enumerate(grads):
             grads[i], self._warned_sparse = _densify(g, self._warned_sparse)
+        if self._io.pending_sq is None and _strategy.in_replica_step():
+            # tf.distribute without hvd_lb.tf.distribute.DistributedOptimizer: [g, x²] in one
+            # all-reduce here, then this apply again with ḡ and s from the cross-replica context.
+            tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
+            return _strategy.replica_apply(self, grads, tvs)
         if len(grads):
             sq, self._io.pending_sq = self._io.pending_sq, None
             tvs = list(trainable_variables) if trainable_variables is not None else self._trainable_variables
@@ -262,16 +269,24 @@ class GSNR(keras.optimizers.Optimizer):
             self._update(grads, variables)
 
     def _update(self, grads, variables):
+        from . import distribute as _strategy
+
         variables = list(variables)
+        stats = [self._io.stats[self._var_key(v)] for v in variables]
+        # Under tf.distribute: once per replica, each on its own copy of p_t (ḡ and s are mirrored).
+        out = _strategy.per_replica(functools.partial(self._scale, variables), variables[0], list(grads), stats)
+        self.inner_optimizer.apply(list(out), variables)
+
+    def _scale(self, variables, grads, stats):
+        """ĝ per variable (p_t and the diagnostics written)."""
         one = _gsnr_xla() if self.fused else _gsnr_one
         t = self.iterations + 1
         out, rows, diag = [], [], []
-        for g, v in zip(grads, variables):
+        for g, v, (mean, sq) in zip(grads, variables, stats):
             i = self._get_variable_index(v)
             if not self._scaled[i]:
-                out.append(g)
+                out.append(tf.convert_to_tensor(g))
                 continue
-            mean, sq = self._io.stats[self._var_key(v)]
             avg = self.gsnr_avg[i]
             g_hat, p, row = one(mean, sq, tf.convert_to_tensor(g), tf.convert_to_tensor(avg), t, self.gamma,
                                 self.momentum, self.loss_scale_factor, self._io.floor)
@@ -282,8 +297,10 @@ class GSNR(keras.optimizers.Optimizer):
             rows.append(i)
             diag.append(row)
         if rows:
-            self._gsnr_diag.value.scatter_nd_update(tf.constant(rows)[:, None], tf.stack(diag))
-        self.inner_optimizer.apply(out, variables)
+            # (a whole-matrix assign: mirrored variables have no scatter_nd_update)
+            self.assign(self._gsnr_diag, tf.tensor_scatter_nd_update(
+                tf.convert_to_tensor(self._gsnr_diag), tf.constant(rows)[:, None], tf.stack(diag)))
+        return out
 
     # -- state and diagnostics -------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from .. import grouping, rules
 from ._args import check_keras, check_learning_rate, learning_rate_checks
 from ._ops import B, _like, check_float_variables, state_variables, variable_path, work_dtype
 from .gsnr import GSNR
+from . import distribute as _strategy
 
 # Keras base-optimizer arguments passed through untouched.
 _KERAS_ARGS = ("clipnorm", "clipvalue", "global_clipnorm", "use_ema", "ema_momentum",
@@ -169,10 +170,17 @@ class LargeBatchOptimizer(keras.optimizers.Optimizer):
         return
 
     def _backend_update_step(self, grads, variables, learning_rate):
-        with tf.control_dependencies(learning_rate_checks(self, learning_rate, self.name)):
-            self._update(grads, variables, learning_rate)
+        variables = list(variables)
+        if _strategy.in_replica_step():
+            # Inside strategy.run: ḡ as Keras's optimizers do (one SUM all-reduce of the
+            # 1/R-scaled gradients), then each replica's copy steps from the cross-replica context.
+            grads = [g for g, _ in self._all_reduce_sum_gradients(list(zip(grads, variables)))]
+            return _strategy.merge(lambda g, lr: self._backend_update_step(g, variables, lr), grads, learning_rate)
+        with tf.control_dependencies(learning_rate_checks(self, _strategy.local(learning_rate), self.name)):
+            _strategy.per_replica(functools.partial(self._update, variables=variables), variables[0],
+                                  list(grads), learning_rate)
 
-    def _update(self, grads, variables, learning_rate):
+    def _update(self, grads, learning_rate, variables):
         update, prepare = UPDATES[self._rule.base]
         one = _update_xla(update) if self.fused else functools.partial(_update_one, update)
         variables = list(variables)
