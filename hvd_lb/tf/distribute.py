@@ -220,7 +220,9 @@ def fix_keras_multi_worker():
     T.reduce_per_replica, T.TensorFlowTrainer._maybe_symbolic_build = fixed_reduce, fixed_build
 
 
-@keras.saving.register_keras_serializable(package="hvd_lb")
+# Its own registered name: "hvd_lb>DistributedOptimizer" is the Horovod path's (saved models
+# of either engine load back into the class that saved them).
+@keras.saving.register_keras_serializable(package="hvd_lb", name="StrategyDistributedOptimizer")
 class DistributedOptimizer(_HorovodOptimizer):
     """``hvd_lb.tf.DistributedOptimizer`` on ``tf.distribute`` instead of Horovod: build it
     inside ``strategy.scope()`` (any Keras 3 optimizer; k = replicas × ``micro_batches``).
