@@ -132,6 +132,12 @@ def test_parity_with_the_reference_given_the_same_rounded_squares(tmp_path, engi
     check(ranks, 1e-10, engine == "ddp")
     if engine != "tf":
         _exponents_follow_the_rule(ranks, engine == "ddp")
+    if engine == "torch":
+        ex = [r["extras"] for r in ranks]
+        assert all(e == ex[0] for e in ex[1:]), "ranks differ"
+        assert ex[0]["kept_unchanged"] and ex[0]["skipped"] == 1, ex[0]
+        assert ex[0]["stale"] == 0, ex[0]
+        assert ex[0]["reset"] == [0, 0, 0], ex[0]
     else:
         traced = [k for k in ranks[0]["cases"] if k.endswith("/traced")]
         assert traced

@@ -129,10 +129,66 @@ def run_torch(engine, out_dir):
             steps.append(record[0] if record else None)
         params = model.module.ps if engine == "ddp" else model.ps
         out[key(case)] = {"params": [p.detach().double().reshape(-1).tolist() for p in params], "steps": steps}
+    extras = torch_extras(lbt, torch, Toy, rank, W) if engine == "torch" else {}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"W": W, "cases": out}, f)
+        json.dump({"W": W, "cases": out, "extras": extras}, f)
     if engine == "ddp":
         dist.destroy_process_group()
+
+
+def torch_extras(lbt, torch, Toy, rank, W):
+    """Horovod torch, float16 squares with gsnr_interval=3: the kept s and the counters."""
+    M = 1 if W > 1 else 2
+
+    def make(skip=False):
+        model = Toy()
+        opt = lbt.DistributedOptimizer(lbt.create("vr-sgd", model, **hp_for("vr-sgd")),
+                                       named_parameters=model.named_parameters(), micro_batches=M,
+                                       square_dtype="float16", gsnr_interval=3, skip_nonfinite=skip)
+        return model, opt
+
+    def run(model, opt, t, bad=False, step=True):
+        for m in range(M):
+            grads = [torch.tensor(g) for g in micro_grads(t, rank, m, M)]
+            if bad:
+                grads[0][0, 0] = float("nan")
+            model(grads).backward()
+        opt.step() if step else opt.synchronize()
+        opt.zero_grad()
+
+    res = {}
+    # A non-finite statistics step (skipped) keeps the previous kept s, unchanged (a copy, not
+    # the squares buffer that step overwrote), for the reuse steps after it.
+    model, opt = make(skip=True)
+    for t in (1, 2, 3):
+        run(model, opt, t)
+    kept = {p: s.clone() for p, s in opt._kept.items()}
+    run(model, opt, 4, bad=True)
+    res["kept_unchanged"] = len(kept) == 4 and all(torch.equal(kept[p], opt._kept[p]) for p in kept)
+    run(model, opt, 5)
+    run(model, opt, 6)
+    res["skipped"] = opt.skipped_steps
+    # A synchronize() whose step never came (GradScaler's inf skip) leaves no s for the next step.
+    run(model, opt, 7, step=False)
+    for m in range(M):
+        model([torch.tensor(g) for g in micro_grads(8, rank, m, M)]).backward()
+    opt.synchronize()
+    res["stale"] = len(opt._stats)
+    with opt.skip_synchronize():
+        opt.step()
+    opt.zero_grad()
+    # A rank-0-only state load, then the broadcast: every rank starts over (same layout).
+    model, opt = make()
+    for t in (1, 2):
+        run(model, opt, t)
+    if rank == 0:
+        opt.load_state_dict(opt.state_dict())
+    lbt.broadcast_optimizer_state(opt, root_rank=0)
+    res["reset"] = [opt._stat_count, len(opt._kept), len(opt._exponents)]
+    for t in (3, 4, 5):
+        run(model, opt, t)
+    res["params"] = [p.detach().double().reshape(-1).tolist() for p in model.ps]
+    return res
 
 
 # --- TF / Keras 3 -----------------------------------------------------------------------------
