@@ -58,8 +58,12 @@ def statistics(opt, n, grads, sq, reduce):
 
     def stats():
         mean, s = _reduced(opt, n, grads, sq, reduce)
+        # Kept only when this step's ḡ and s are finite (identical on every rank); else the
+        # previous kept s stands for the reuse steps (a skipped step must not poison them).
+        checks = [tf.reduce_all(tf.math.is_finite(t)) for t in list(mean[:n]) + list(s[:n]) if t is not None]
+        ok = tf.reduce_all(checks) if checks else tf.constant(True)
         for k, x in zip(opt._s16_kept, s[:n]):
-            k.assign(tf.cast(x, k.dtype))
+            k.assign(tf.where(ok, tf.cast(x, k.dtype), tf.convert_to_tensor(k)))
         return mean, list(s[:n]) + list(sq[n:])  # (the tail, zeros, as given: one structure)
 
     def reuse():
@@ -71,6 +75,16 @@ def statistics(opt, n, grads, sq, reduce):
     out = tf.cond(first, stats, reuse) if not tf.executing_eagerly() else (stats() if bool(first) else reuse())
     opt._s16_count.assign_add(1)
     return out
+
+
+def _loss_scale(opt):
+    """The scale of a LossScaleOptimizer inside ``opt`` (the one ``distributed._sample`` divides
+    the squares by), else None."""
+    import keras
+    inner = opt.inner_optimizer
+    if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+        return inner.dynamic_scale if inner.built else inner.initial_scale
+    return None
 
 
 def _reduced(opt, n, grads, sq, reduce):
@@ -92,8 +106,11 @@ def _reduced(opt, n, grads, sq, reduce):
         record([h.numpy() for h in half], exps.numpy())
     unscaled = []
     tiny = squares16.variance_floor(workers) * squares16.F16_TINY  # absolute_floor, times 2^−e below
+    loss_scale = _loss_scale(opt)
     for h, g, s, c in zip(half, mean[:n], sq[:n], scale):
         g, c = tf.cast(g, s.dtype), tf.cast(c, s.dtype)
+        if loss_scale is not None:
+            g = g / tf.cast(loss_scale, s.dtype)  # ḡ unscaled as the squares are (distributed._sample)
         unscaled.append(tf.maximum(tf.cast(h, s.dtype) / c, g * g + tiny / c))  # s ≥ ḡ² + a
 
     def again():

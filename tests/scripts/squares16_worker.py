@@ -234,8 +234,36 @@ def run_tf(out_dir):
                     traced([tf.constant(g, tf.float64) for g in micro_grads(step, rank, m, M)])
             out[key(case) + "/traced"] = [np.asarray(v.numpy(), np.float64).reshape(-1).tolist() for v in vs]
     S.record = orig
+    extras = tf_extras(keras, tf, lbtf, rules, rank, W)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"W": W, "cases": out}, f)
+        json.dump({"W": W, "cases": out, "extras": extras}, f)
+
+
+def tf_extras(keras, tf, lbtf, rules, rank, W):
+    """Keras, float16 squares: a non-finite statistics step keeps the kept s (gsnr_interval=3),
+    and a LossScaleOptimizer inside steps as without it on gradients times its scale."""
+    M = 1 if W > 1 else 2
+    res = {}
+
+    def run(tag, wrap=None, scale=1.0, n=1, skip=False, bad_step=None):
+        vs = [keras.Variable(a, dtype="float64", name=f"{tag}{i}") for i, a in enumerate(init_params())]
+        inner = lbtf.create("vr-sgd", **rules.to_keras(hp_for("vr-sgd")))
+        opt = lbtf.DistributedOptimizer(wrap(inner) if wrap else inner, micro_batches=M, square_dtype="float16",
+                                        gsnr_interval=n, skip_nonfinite=skip)
+        for step in range(1, STEPS + 1):
+            for m in range(M):
+                gs = [g * scale for g in micro_grads(step, rank, m, M)]
+                if step == bad_step:
+                    gs[0][0, 0] = np.nan
+                opt.apply([tf.constant(g, tf.float64) for g in gs], vs)
+        return opt, [np.asarray(v.numpy(), np.float64).reshape(-1).tolist() for v in vs]
+
+    opt, _ = run("k", n=3, skip=True, bad_step=4)
+    res["skipped"] = int(opt.skipped_steps)
+    _, res["plain"] = run("p")
+    _, res["loss_scaled"] = run("l", wrap=lambda o: keras.optimizers.LossScaleOptimizer(o, initial_scale=2.0 ** 15),
+                                scale=2.0 ** 15)
+    return res
 
 
 if __name__ == "__main__":
