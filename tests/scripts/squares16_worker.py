@@ -75,7 +75,7 @@ def run_torch(engine, out_dir):
         def finish16(self):
             names = {p: i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
             rec = [None] * len(names)
-            for p, (half, _, e) in self._pending16.items():
+            for p, (half, _, e, _) in self._pending16.items():
                 rec[names[p]] = [half.double().tolist(), e]
             record.append(rec)
             return orig(self)
@@ -129,11 +129,33 @@ def run_torch(engine, out_dir):
             steps.append(record[0] if record else None)
         params = model.module.ps if engine == "ddp" else model.ps
         out[key(case)] = {"params": [p.detach().double().reshape(-1).tolist() for p in params], "steps": steps}
-    extras = torch_extras(lbt, torch, Toy, rank, W) if engine == "torch" else {}
+    extras = torch_extras(lbt, torch, Toy, rank, W) if engine == "torch" else ddp_extras(lbt, torch, Toy, rank)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"W": W, "cases": out, "extras": extras}, f)
     if engine == "ddp":
         dist.destroy_process_group()
+
+
+def ddp_extras(lbt, torch, Toy, rank):
+    """DDP, float16 squares: gradients ×8 unscaled in place before the step (GradScaler's
+    unscale_) step as the unscaled ones: the floor s ≥ ḡ² + a takes ḡ as reduced."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from hvd_lb.torch import ddp as lb_ddp
+    out = {}
+    for tag, scale in (("plain", 1.0), ("unscaled", 8.0)):
+        model = Toy()
+        opt = lbt.create("vr-sgd", model, **hp_for("vr-sgd"))
+        model = DDP(model)
+        lb_ddp.register(model, opt, square_dtype="float16")
+        for step in range(1, STEPS + 1):
+            # the same gradients on every rank: s = ḡ² exactly, so the floor decides half the elements
+            model([torch.tensor(g * scale) for g in micro_grads(step, 0, 0, 1)]).backward()
+            for p in model.parameters():
+                p.grad.mul_(1.0 / scale)
+            opt.step()
+            opt.zero_grad()
+        out[tag] = [p.detach().double().reshape(-1).tolist() for p in model.module.ps]
+    return out
 
 
 def torch_extras(lbt, torch, Toy, rank, W):
