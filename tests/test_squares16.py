@@ -51,9 +51,10 @@ def test_bytes():
 
 def test_arguments_are_checked():
     assert rules.check_square_dtype("float16") == "float16"
-    for bad in (0, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="invalid gsnr_interval="):
+    for bad in (0, 1.5, True, "2", 2 ** 31):
+        with pytest.raises(ValueError, match=r"invalid gsnr_interval=.*must be an integer in \[1, 2147483647\]"):
             squares16.check_interval(bad)
+    assert squares16.check_interval(2 ** 31 - 1) == 2 ** 31 - 1
 
 
 # --- parity: the reference fed the same rounded squares --------------------------------------
