@@ -137,6 +137,7 @@ def test_parity_with_the_reference_given_the_same_rounded_squares(tmp_path, engi
         ex = ranks[0]["extras"]
         np.testing.assert_allclose(np.concatenate(ex["unscaled"]), np.concatenate(ex["plain"]),
                                    rtol=1e-12, atol=1e-12, err_msg="unscaled before the step")
+        assert all("gsnr_interval (rank 0: 1; rank 1: 2)" in r["extras"]["disagree"] for r in ranks), ex["disagree"]
     if engine == "torch":
         ex = [r["extras"] for r in ranks]
         assert all(e == ex[0] for e in ex[1:]), "ranks differ"

@@ -346,6 +346,17 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
                 f"{workers * micro_batches}: launch 2 or more processes (torchrun --nproc_per_node 2) "
                 "or pass micro_batches=2 or more (the first ones inside model.no_sync())")
         rules.check_samples(workers, micro_batches)
+        # Ranks that disagree would reduce different buckets (float16 beside ḡ or not, s or
+        # not on a step) and hang: one small all-gather now, the same error on every rank.
+        mine = {"optimizer": f"{type(optimizer).__name__} ({getattr(optimizer, 'rule_name', '')})",
+                "micro_batches": micro_batches, "square_dtype": square_dtype, "gsnr_interval": gsnr_interval}
+        every = [None] * workers
+        dist.all_gather_object(every, mine, group=group)
+        ranks = dist.get_process_group_ranks(group) if hasattr(dist, "get_process_group_ranks") \
+            else list(range(workers))
+        error = rules.disagreement(every, ranks, "hvd_lb.torch.ddp.register")
+        if error:
+            raise ValueError(error)
     state = DDPStatistics(model, optimizer, micro_batches, group, square_dtype, gsnr_interval)
     model._hvd_lb_ddp = state
     return state

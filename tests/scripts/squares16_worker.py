@@ -155,6 +155,14 @@ def ddp_extras(lbt, torch, Toy, rank):
             opt.step()
             opt.zero_grad()
         out[tag] = [p.detach().double().reshape(-1).tolist() for p in model.module.ps]
+    # Settings that differ between ranks: the same ValueError on every rank, nothing reduced.
+    module = Toy()
+    model = DDP(module)
+    try:
+        lb_ddp.register(model, lbt.create("vr-sgd", module, **hp_for("vr-sgd")), gsnr_interval=1 + rank)
+        out["disagree"] = ""
+    except ValueError as e:
+        out["disagree"] = str(e)
     return out
 
 
