@@ -147,6 +147,7 @@ def test_parity_with_the_reference_given_the_same_rounded_squares(tmp_path, engi
     if engine == "tf":
         ex = ranks[0]["extras"]
         assert ex["skipped"] == 1, ex["skipped"]  # the kept s outlives a non-finite statistics step
+        assert all(ex["kept_after_bad_first"]), ex["kept_after_bad_first"]
         np.testing.assert_allclose(np.concatenate(ex["loss_scaled"]), np.concatenate(ex["plain"]),
                                    rtol=1e-12, atol=1e-12, err_msg="LossScaleOptimizer")
         traced = [k for k in ranks[0]["cases"] if k.endswith("/traced")]

@@ -27,6 +27,8 @@ def build(opt, var_list, stat_dtypes):
     if opt.gsnr_interval > 1:
         opt._s16_kept = [opt.add_variable(tuple(v.shape), dtype=d, name=f"gsnr_kept_sq_{i}")
                          for i, (v, d) in enumerate(zip(var_list, stat_dtypes))]
+        # Whether the kept s holds a finite statistics step yet: until then every step is one.
+        opt._s16_have = opt.add_variable((), dtype="bool", name="gsnr_kept_known", initializer="zeros")
 
 
 def _pow2(e):
@@ -64,6 +66,7 @@ def statistics(opt, n, grads, sq, reduce):
         ok = tf.reduce_all(checks) if checks else tf.constant(True)
         for k, x in zip(opt._s16_kept, s[:n]):
             k.assign(tf.where(ok, tf.cast(x, k.dtype), tf.convert_to_tensor(k)))
+        opt._s16_have.assign(tf.logical_or(tf.convert_to_tensor(opt._s16_have), ok))
         return mean, list(s[:n]) + list(sq[n:])  # (the tail, zeros, as given: one structure)
 
     def reuse():
@@ -71,7 +74,7 @@ def statistics(opt, n, grads, sq, reduce):
         mean, _ = reduce(grads, None, None)
         return mean, [tf.convert_to_tensor(k) for k in opt._s16_kept] + list(sq[n:])
 
-    first = opt._s16_count % opt.gsnr_interval == 0
+    first = (opt._s16_count % opt.gsnr_interval == 0) | ~tf.convert_to_tensor(opt._s16_have)
     out = tf.cond(first, stats, reuse) if not tf.executing_eagerly() else (stats() if bool(first) else reuse())
     opt._s16_count.assign_add(1)
     return out

@@ -275,12 +275,12 @@ def tf_extras(keras, tf, lbtf, rules, rank, W):
     M = 1 if W > 1 else 2
     res = {}
 
-    def run(tag, wrap=None, scale=1.0, n=1, skip=False, bad_step=None):
+    def run(tag, wrap=None, scale=1.0, n=1, skip=False, bad_step=None, steps=STEPS):
         vs = [keras.Variable(a, dtype="float64", name=f"{tag}{i}") for i, a in enumerate(init_params())]
         inner = lbtf.create("vr-sgd", **rules.to_keras(hp_for("vr-sgd")))
         opt = lbtf.DistributedOptimizer(wrap(inner) if wrap else inner, micro_batches=M, square_dtype="float16",
                                         gsnr_interval=n, skip_nonfinite=skip)
-        for step in range(1, STEPS + 1):
+        for step in range(1, steps + 1):
             for m in range(M):
                 gs = [g * scale for g in micro_grads(step, rank, m, M)]
                 if step == bad_step:
@@ -290,6 +290,9 @@ def tf_extras(keras, tf, lbtf, rules, rank, W):
 
     opt, _ = run("k", n=3, skip=True, bad_step=4)
     res["skipped"] = int(opt.skipped_steps)
+    # A non-finite first statistics step leaves no kept s: the next step is a statistics step.
+    opt, _ = run("f", n=3, skip=True, bad_step=1, steps=2)
+    res["kept_after_bad_first"] = [bool(np.any(np.asarray(k.numpy()) != 0)) for k in opt._s16_kept]
     _, res["plain"] = run("p")
     _, res["loss_scaled"] = run("l", wrap=lambda o: keras.optimizers.LossScaleOptimizer(o, initial_scale=2.0 ** 15),
                                 scale=2.0 ** 15)
