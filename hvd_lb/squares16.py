@@ -93,10 +93,14 @@ def is_statistics_step(count: int, interval: int) -> bool:
     return count % interval == 0
 
 
+# Largest gsnr_interval: the step counters (Keras: an int64 variable) never overflow.
+MAX_INTERVAL = 2 ** 31 - 1
+
+
 def check_interval(interval) -> int:
-    """``gsnr_interval``: an integer ≥ 1 (1 = s every step, the default)."""
-    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"invalid gsnr_interval={interval!r}: must be an integer in [1, inf)")
+    """``gsnr_interval``: an integer in [1, 2³¹ − 1] (1 = s every step, the default)."""
+    if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= MAX_INTERVAL:
+        raise ValueError(f"invalid gsnr_interval={interval!r}: must be an integer in [1, {MAX_INTERVAL}]")
     return interval
 
 
@@ -128,5 +132,5 @@ def bytes_table(workers: Sequence[int], options) -> List[List[str]]:
     return rows
 
 
-__all__ = ["F16_MAX", "F16_TINY", "WIRE_PEAK_LOG2", "variance_floor", "absolute_floor", "next_exponent", "needs_redo",
+__all__ = ["F16_MAX", "F16_TINY", "MAX_INTERVAL", "WIRE_PEAK_LOG2", "variance_floor", "absolute_floor", "next_exponent", "needs_redo",
            "is_statistics_step", "check_interval", "bytes_ratio", "bytes_table"]

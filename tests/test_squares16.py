@@ -51,9 +51,10 @@ def test_bytes():
 
 def test_arguments_are_checked():
     assert rules.check_square_dtype("float16") == "float16"
-    for bad in (0, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="invalid gsnr_interval="):
+    for bad in (0, 1.5, True, "2", 2 ** 31):
+        with pytest.raises(ValueError, match=r"invalid gsnr_interval=.*must be an integer in \[1, 2147483647\]"):
             squares16.check_interval(bad)
+    assert squares16.check_interval(2 ** 31 - 1) == 2 ** 31 - 1
 
 
 # --- parity: the reference fed the same rounded squares --------------------------------------
@@ -132,7 +133,23 @@ def test_parity_with_the_reference_given_the_same_rounded_squares(tmp_path, engi
     check(ranks, 1e-10, engine == "ddp")
     if engine != "tf":
         _exponents_follow_the_rule(ranks, engine == "ddp")
-    else:
+    if engine == "ddp":
+        ex = ranks[0]["extras"]
+        np.testing.assert_allclose(np.concatenate(ex["unscaled"]), np.concatenate(ex["plain"]),
+                                   rtol=1e-12, atol=1e-12, err_msg="unscaled before the step")
+        assert all("gsnr_interval (rank 0: 1; rank 1: 2)" in r["extras"]["disagree"] for r in ranks), ex["disagree"]
+    if engine == "torch":
+        ex = [r["extras"] for r in ranks]
+        assert all(e == ex[0] for e in ex[1:]), "ranks differ"
+        assert ex[0]["kept_unchanged"] and ex[0]["skipped"] == 1, ex[0]
+        assert ex[0]["stale"] == 0, ex[0]
+        assert ex[0]["reset"] == [0, 0, 0], ex[0]
+    if engine == "tf":
+        ex = ranks[0]["extras"]
+        assert ex["skipped"] == 1, ex["skipped"]  # the kept s outlives a non-finite statistics step
+        assert all(ex["kept_after_bad_first"]), ex["kept_after_bad_first"]
+        np.testing.assert_allclose(np.concatenate(ex["loss_scaled"]), np.concatenate(ex["plain"]),
+                                   rtol=1e-12, atol=1e-12, err_msg="LossScaleOptimizer")
         traced = [k for k in ranks[0]["cases"] if k.endswith("/traced")]
         assert traced
         for k in traced:

@@ -27,6 +27,8 @@ def build(opt, var_list, stat_dtypes):
     if opt.gsnr_interval > 1:
         opt._s16_kept = [opt.add_variable(tuple(v.shape), dtype=d, name=f"gsnr_kept_sq_{i}")
                          for i, (v, d) in enumerate(zip(var_list, stat_dtypes))]
+        # Whether the kept s holds a finite statistics step yet: until then every step is one.
+        opt._s16_have = opt.add_variable((), dtype="bool", name="gsnr_kept_known", initializer="zeros")
 
 
 def _pow2(e):
@@ -58,8 +60,13 @@ def statistics(opt, n, grads, sq, reduce):
 
     def stats():
         mean, s = _reduced(opt, n, grads, sq, reduce)
+        # Kept only when this step's ḡ and s are finite (identical on every rank); else the
+        # previous kept s stands for the reuse steps (a skipped step must not poison them).
+        checks = [tf.reduce_all(tf.math.is_finite(t)) for t in list(mean[:n]) + list(s[:n]) if t is not None]
+        ok = tf.reduce_all(checks) if checks else tf.constant(True)
         for k, x in zip(opt._s16_kept, s[:n]):
-            k.assign(tf.cast(x, k.dtype))
+            k.assign(tf.where(ok, tf.cast(x, k.dtype), tf.convert_to_tensor(k)))
+        opt._s16_have.assign(tf.logical_or(tf.convert_to_tensor(opt._s16_have), ok))
         return mean, list(s[:n]) + list(sq[n:])  # (the tail, zeros, as given: one structure)
 
     def reuse():
@@ -67,10 +74,20 @@ def statistics(opt, n, grads, sq, reduce):
         mean, _ = reduce(grads, None, None)
         return mean, [tf.convert_to_tensor(k) for k in opt._s16_kept] + list(sq[n:])
 
-    first = opt._s16_count % opt.gsnr_interval == 0
+    first = (opt._s16_count % opt.gsnr_interval == 0) | ~tf.convert_to_tensor(opt._s16_have)
     out = tf.cond(first, stats, reuse) if not tf.executing_eagerly() else (stats() if bool(first) else reuse())
     opt._s16_count.assign_add(1)
     return out
+
+
+def _loss_scale(opt):
+    """The scale of a LossScaleOptimizer inside ``opt`` (the one ``distributed._sample`` divides
+    the squares by), else None."""
+    import keras
+    inner = opt.inner_optimizer
+    if isinstance(inner, keras.optimizers.LossScaleOptimizer):
+        return inner.dynamic_scale if inner.built else inner.initial_scale
+    return None
 
 
 def _reduced(opt, n, grads, sq, reduce):
@@ -92,8 +109,11 @@ def _reduced(opt, n, grads, sq, reduce):
         record([h.numpy() for h in half], exps.numpy())
     unscaled = []
     tiny = squares16.variance_floor(workers) * squares16.F16_TINY  # absolute_floor, times 2^−e below
+    loss_scale = _loss_scale(opt)
     for h, g, s, c in zip(half, mean[:n], sq[:n], scale):
         g, c = tf.cast(g, s.dtype), tf.cast(c, s.dtype)
+        if loss_scale is not None:
+            g = g / tf.cast(loss_scale, s.dtype)  # ḡ unscaled as the squares are (distributed._sample)
         unscaled.append(tf.maximum(tf.cast(h, s.dtype) / c, g * g + tiny / c))  # s ≥ ḡ² + a
 
     def again():

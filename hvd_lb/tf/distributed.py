@@ -269,8 +269,11 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     hints) change nothing and are only checked. ``skip_nonfinite``: skip the step on every
     rank together when the reduced ḡ or s has a NaN/inf (state untouched, ``skipped_steps``
     counts, one line per 100 skips; no communication, one pass over ḡ). ``square_dtype`` = the dtype s travels in:
-    None (float32; float64 for float64 variables), "float32", "float64" or "bfloat16" (an
-    all-gather of the 16-bit values, used only for ≤ 3 workers; SPEC §7). ``process_set``:
+    None (float32; float64 for float64 variables), "float32", "float64", "bfloat16" (an
+    all-gather of the 16-bit values, used only for ≤ 3 workers; SPEC §7) or "float16" (scaled
+    by 2^e per variable, reduced beside ḡ, redone in float32 when flagged; SPEC §1).
+    ``gsnr_interval`` N in [1, 2³¹ − 1]: s is reduced on every N-th step and reused in between
+    (kept in optimizer variables, so checkpointed; SPEC §1). ``process_set``:
     the Horovod process set to reduce over (default ``hvd.global_process_set``); k counts
     its size. A ``None`` gradient is sent as zeros (nothing hangs); a variable whose gradient is None
     on every rank is left untouched, as Keras does; if some variable has a gradient on some ranks

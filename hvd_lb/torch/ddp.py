@@ -150,10 +150,14 @@ class DDPStatistics:
             wire[off:off + n] = local[off:off + n] * 2.0 ** self._exponents[p]
         return wire
 
-    def _hold16(self, bucket, half, local):
+    def _hold16(self, bucket, half, local, gbar):
+        """Hold the reduced float16 squares, the local float32 share (for a redo) and ḡ as it came
+        off the wire (a copy: p.grad may be unscaled or clipped before the step; the floor
+        s ≥ ḡ² + a is in the units of the reduced squares)."""
         for p, off in _offsets(bucket):
             n = p.numel()
-            self._pending16[p] = (half[off:off + n], local[off:off + n], self._exponents[p])
+            self._pending16[p] = (half[off:off + n], local[off:off + n], self._exponents[p],
+                                  gbar[off:off + n].to(local.dtype, copy=True))
 
     def _finish16(self):
         """s of the float16 buckets: check (identically on every rank), redo in float32, unscale.
@@ -166,7 +170,8 @@ class DDPStatistics:
         peaks = torch.stack([self._pending16[p][0].max().float() if p.numel() else torch.zeros(())
                              for p in ps]).tolist() if ps else []
         redo = [p for p, m in zip(ps, peaks)
-                if squares16.needs_redo(m, m == 0 and p.grad is not None and bool(p.grad.count_nonzero()))]
+                if squares16.needs_redo(m, m == 0 and p.grad is not None
+                                        and bool(self._pending16[p][3].count_nonzero()))]
         if redo:
             flat = torch.cat([self._pending16[p][1] for p in redo]).div_(W)
             dist.all_reduce(flat, group=self.group)
@@ -175,11 +180,11 @@ class DDPStatistics:
                 self._stats[p] = s.view_as(p)
         flagged = set(redo)
         for p, m in zip(ps, peaks):
-            half, local, e = self._pending16[p]
+            half, local, e, gbar = self._pending16[p]
             if p not in flagged:
                 s = local.copy_(half).mul_(2.0 ** -e / W).view_as(p)
                 if p.grad is not None:
-                    g = p.grad.to(s.dtype)
+                    g = gbar.view_as(p)  # ḡ off the wire, before any unscale or clipping
                     torch.maximum(s, (g * g).add_(squares16.absolute_floor(e, W, W)), out=s)
                 self._stats[p] = s
                 self._exponents[p] = squares16.next_exponent(m * 2.0 ** -e / W, W, 1.0, e)
@@ -245,7 +250,7 @@ def _comm_hook(state: "DDPStatistics", bucket) -> torch.futures.Future[torch.Ten
         local = torch.empty(n, dtype=dtype, device=buf.device)
         state._local_squares(bucket, local, 1.0)
         return _beside(state, bucket, state._float16_wire(bucket, local), dtype,
-                       lambda half: state._hold16(bucket, half, local))
+                       lambda half, gbar: state._hold16(bucket, half, local, gbar))
     elif buf.dtype == dtype:
         # 1/W folded into the local copies: the all-reduced sum is already the mean.
         flat = buf.new_empty(2 * n)
@@ -279,7 +284,7 @@ def _beside(state, bucket, squares, dtype, hold):
     def done(f):
         gbar, s = f.value()[0].value()[0], f.value()[1].value()[0]
         if hold is not None:
-            hold(s)
+            hold(s, gbar)
         state._keep(bucket, gbar.to(dtype), s if hold is None else None)
         return gbar
     return torch.futures.collect_all([f_g, f_s]).then(done)
@@ -341,6 +346,17 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
                 f"{workers * micro_batches}: launch 2 or more processes (torchrun --nproc_per_node 2) "
                 "or pass micro_batches=2 or more (the first ones inside model.no_sync())")
         rules.check_samples(workers, micro_batches)
+        # Ranks that disagree would reduce different buckets (float16 beside ḡ or not, s or
+        # not on a step) and hang: one small all-gather now, the same error on every rank.
+        mine = {"optimizer": f"{type(optimizer).__name__} ({getattr(optimizer, 'rule_name', '')})",
+                "micro_batches": micro_batches, "square_dtype": square_dtype, "gsnr_interval": gsnr_interval}
+        every = [None] * workers
+        dist.all_gather_object(every, mine, group=group)
+        ranks = dist.get_process_group_ranks(group) if hasattr(dist, "get_process_group_ranks") \
+            else list(range(workers))
+        error = rules.disagreement(every, ranks, "hvd_lb.torch.ddp.register")
+        if error:
+            raise ValueError(error)
     state = DDPStatistics(model, optimizer, micro_batches, group, square_dtype, gsnr_interval)
     model._hvd_lb_ddp = state
     return state

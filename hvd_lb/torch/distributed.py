@@ -247,6 +247,9 @@ class _DistributedGSNR(GSNR):
 
     def synchronize(self):
         """Wait for ḡ and s of every tensor; afterwards p.grad holds ḡ (as with Horovod)."""
+        # s of a step whose optimizer.step() never came (GradScaler's inf skip) is stale.
+        self._stats.clear()
+        self._gnorm.clear()
         if not self.process_set.included():
             self._synchronized = True
             return
@@ -402,10 +405,13 @@ class _DistributedGSNR(GSNR):
                     sq[p] = s
         for (s, p, n0), n1 in zip(rescaled, norms([p.grad for _, p, _ in rescaled])):
             follow_rescale(s, n1, n0)
-            if reuse:
-                self._kept[p] = s
         if self.skip_nonfinite and _skip(self, list(sq.values())):
-            return loss
+            return loss  # the kept s stays that of the last finite statistics step
+        if reuse and rescaled and (self.skip_nonfinite or _finite(self, [s for s, _, _ in rescaled])):
+            # Kept only from a statistics step whose ḡ and s are finite (else the previous kept s
+            # stands), and as a copy: s is the squares buffer the next statistics step overwrites.
+            for s, p, _ in rescaled:
+                self._kept[p] = s.clone()
         # s is this wrapper's buffer (or a fresh tensor): the transform may overwrite it, unless
         # it is kept for the steps of a gsnr_interval.
         self._gsnr_sq, self._gsnr_sq_owned = sq, not reuse
@@ -424,16 +430,22 @@ class _DistributedGSNR(GSNR):
                 "per step, after optimizer.step()")
         return GSNR.zero_grad(self, set_to_none)
 
-    def load_state_dict(self, state_dict):
-        self._handles.clear()
-        self._absent.clear()
-        self._squares.clear()
+    def _reset_statistics(self):
+        """Forget kept s, float16 exponents and the interval counter: the next step reduces
+        s in float32 on every rank, as the first step (after a state load or broadcast, ranks
+        must agree on the collective layout)."""
         self._stats.clear()
         self._gnorm.clear()
         self._kept.clear()
         self._local.clear()
         self._exponents.clear()
         self._stat_count = 0
+
+    def load_state_dict(self, state_dict):
+        self._handles.clear()
+        self._absent.clear()
+        self._squares.clear()
+        self._reset_statistics()
         self._synchronized = False
         self._should_synchronize = True
         self._backward_seen = False
@@ -446,6 +458,12 @@ class _DistributedGSNR(GSNR):
 # base class only (never all-reducing); ours must be recognised the same way.
 _DistributedGSNR.__module__ = _hvd_optimizer.DistributedOptimizer.__module__ if hvd is not None else __name__
 _DistributedGSNR.__qualname__ = _DistributedGSNR.__name__ = "DistributedGSNR"
+
+
+def _finite(opt, extra=()) -> bool:
+    """Whether every ḡ and ``extra`` tensor is finite (identical on every rank: no communication)."""
+    tensors = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None] + list(extra)
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _skip(opt, extra=()) -> bool:
@@ -686,6 +704,11 @@ def broadcast_optimizer_state(optimizer, root_rank, model=None):
         for p in params:
             if p not in had:
                 optimizer.state.pop(p, None)
+    # Kept s, float16 exponents and the gsnr_interval counter are per rank: a new or restored
+    # rank would otherwise send another collective layout (SPEC §1). Every rank starts over.
+    reset = getattr(optimizer, "_reset_statistics", None)
+    if reset is not None:
+        reset()
 
 
 def _settings(optimizer, names, config, square_dtype) -> dict:
