@@ -73,19 +73,17 @@ def peak_ratio(max_s, workers, predivide=1.0):
     return (2.0 ** WIRE_PEAK_LOG2 * predivide) / (workers * max_s)
 
 
-def needs_redo(max16: float, mean_nonzero: bool) -> bool:
+def needs_redo(max16, mean_nonzero, isfinite=math.isfinite):
     """Whether a tensor's reduced float16 s must be reduced again in float32.
 
     ``max16``: the largest reduced float16 value of the tensor (in the reduced units);
     ``mean_nonzero``: whether its ḡ has a non-zero element (only asked when max16 == 0).
     Overflow (inf/NaN), a peak below float16's normal range (precision lost), or s ≡ 0 under
-    a non-zero ḡ (everything flushed to zero; s ≥ ḡ² says it cannot be 0).
+    a non-zero ḡ (everything flushed to zero; s ≥ ḡ² says it cannot be 0). Python floats and
+    bools (torch, DDP), or one element per tensor with ``isfinite=tf.math.is_finite`` (Keras).
     """
-    if not math.isfinite(max16):
-        return True
-    if max16 == 0:
-        return mean_nonzero
-    return max16 < F16_TINY
+    overflow = isfinite(max16) == False  # noqa: E712 (elementwise on tensors, where `not` is not)
+    return overflow | ((max16 > 0) & (max16 < F16_TINY)) | ((max16 == 0) & mean_nonzero)
 
 
 def is_statistics_step(count: int, interval: int) -> bool:

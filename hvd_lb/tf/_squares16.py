@@ -103,8 +103,7 @@ def _reduced(opt, n, grads, sq, reduce):
     half = [tf.cast(h, tf.float32) for h in half[:n]]
     peaks = tf.stack([tf.reduce_max(h) if h.shape.num_elements() else tf.constant(0.0) for h in half])
     nonzero = tf.stack([tf.reduce_any(tf.not_equal(g, 0)) for g in mean[:n]])
-    finite = tf.math.is_finite(peaks)
-    redo = ~finite | ((peaks > 0) & (peaks < squares16.F16_TINY)) | ((peaks == 0) & nonzero) | ~known
+    redo = squares16.needs_redo(peaks, nonzero, tf.math.is_finite) | ~known
     if tf.executing_eagerly() and bool(known):  # (the first step is all redone)
         record([h.numpy() for h in half], exps.numpy())
     unscaled = []
