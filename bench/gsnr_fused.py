@@ -2,8 +2,9 @@
 
 For the parameter shapes of a ResNet-18-style CNN (32×32 input) and a small transformer
 encoder, times the GSNR maths alone (ĝ from ḡ and s, docs/SPEC.md §2) three ways, in the same
-run: the per-tensor formulas, the foreach path (the default) and the fused ``torch.compile``
-path (``GSNR(..., fused=True)``), and prints the fused path's first-call (compile) time.
+run: the per-tensor formulas, the foreach path (``gsnr_fused=False``) and the compiled kernel
+(``gsnr_fused=True``, and the default where a compiler is present), and prints the kernel's
+first-call (compile) time.
 
     .venv/bin/python bench/gsnr_fused.py [--threads 1] [--repeats 5]
 """
@@ -65,14 +66,13 @@ def main():
             return G._gsnr_foreach(gs, work, avgs, steps, eps, 0.1, 0.9, scr)
 
         foreach = timed(foreach, args.repeats)
-        fn = G._compiled()
+        fn = G.compile_kernel(G._gsnr_into, (0.1, 0.9))
         outs = [torch.empty_like(g) for g in gs]
         t3 = torch.tensor(3.0, dtype=torch.float64)
 
         def fused():
             with G.specialized_floats():
-                return [fn(g.view(-1), s.view(-1), a.view(-1), o.view(-1), t3, 0.1, 0.9, 2.0 ** -21)
-                        for g, s, a, o in zip(gs, ss, avgs, outs)]
+                return [fn(*G.flat(g, s, a, o), t3, 0.1, 0.9, 2.0 ** -21) for g, s, a, o in zip(gs, ss, avgs, outs)]
 
         start = time.perf_counter()
         fused()

@@ -6,6 +6,7 @@ import torch
 
 import hvd_lb.torch as lbt
 from hvd_lb import rules
+from hvd_lb.torch import _ops, gsnr
 from hvd_lb.torch.optimizers import KERNELS
 from tests.test_torch_parity import SEQ, hparams, initial_params, run_torch, to_dtype
 
@@ -44,9 +45,91 @@ def test_fused_equals_per_tensor(name, config, dtype, tol):
 def test_gsnr_fused_follows_fused_unless_given():
     ps = [torch.zeros(3, requires_grad=True)]
     assert lbt.create("vr-lamb", ps, fused=True).param_groups[0]["gsnr_fused"] is True
+    assert lbt.create("vr-lamb", ps, fused=False).param_groups[0]["gsnr_fused"] is False
     opt = lbt.create("vr-lamb", ps, fused=True, gsnr_fused=False)
     assert (opt.param_groups[0]["fused"], opt.param_groups[0]["gsnr_fused"]) == (True, False)
-    assert lbt.create("vr-lamb", ps, gsnr_fused=True).param_groups[0]["fused"] is False
+    assert lbt.create("vr-lamb", ps, gsnr_fused=True).param_groups[0]["fused"] is None  # update: foreach
+    assert lbt.create("vr-lamb", ps).param_groups[0]["gsnr_fused"] is None             # auto
+
+
+needs_compiler = pytest.mark.skipif(not _ops.compiler_present("cpu"), reason="no C++ compiler for Inductor")
+
+
+@needs_compiler
+@pytest.mark.parametrize("make,compiled", [
+    (lambda ps: lbt.create("vr-lamb", ps), True),
+    (lambda ps: lbt.GSNR(torch.optim.AdamW(ps)), True),
+    (lambda ps: lbt.create("vr-lamb", ps, foreach=True), False),     # an explicit choice stays
+    (lambda ps: lbt.create("vr-lamb", ps, foreach=False), False),
+    (lambda ps: lbt.create("vr-lamb", ps, fused=False), False),
+    (lambda ps: lbt.GSNR(torch.optim.AdamW(ps, foreach=True)), False),
+    (lambda ps: lbt.create("vr-sngm", ps), True),                    # the transform, whatever the rule
+], ids=["vr-lamb", "GSNR(AdamW)", "foreach=True", "foreach=False", "fused=False", "AdamW(foreach)", "vr-sngm"])
+def test_default_gsnr_path_is_the_compiled_kernel_where_a_compiler_is_present(make, compiled):
+    opt = make([torch.zeros(3, requires_grad=True)])
+    assert gsnr._use_fused(opt.param_groups[0], torch.device("cpu")) is compiled
+
+
+def test_auto_is_foreach_without_a_compiler_or_inside_an_outer_compile(monkeypatch):
+    group = lbt.create("vr-lamb", [torch.zeros(3, requires_grad=True)]).param_groups[0]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert gsnr._use_fused(group, torch.device("cpu")) is False
+    monkeypatch.undo()
+    _ops.compiler_present.cache_clear()
+    monkeypatch.setattr(_ops.shutil, "which", lambda name: None)
+    try:
+        assert _ops.compiler_present("cpu") is False
+        assert gsnr._use_fused(group, torch.device("cpu")) is False
+        assert _ops.compiler_present("meta") is False
+    finally:
+        _ops.compiler_present.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["vr-momentum", "vr-lamb"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["f64", "f32"])
+def test_default_equals_per_tensor(name, dtype, tol):
+    """Parameters and every slot (p_t included) after 6 steps, one all-zero, with no flags at all."""
+    hp = hparams(name, "custom")
+    ref, ref_opt = _run(name, hp, dtype, foreach=False)
+    out, opt = _run(name, hp, dtype)
+    for p, q in zip(ref, out):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+        for slot in opt.rule.slots:
+            torch.testing.assert_close(opt.state[q][slot], ref_opt.state[p][slot], rtol=tol, atol=tol)
+
+
+def test_auto_that_cannot_compile_warns_once_and_runs_the_formulas(monkeypatch):
+    """A compiler that fails under auto: one warning, the same numbers; ``gsnr_fused=True`` raises."""
+    def broken(fn, key=()):
+        raise RuntimeError("CppCompileError: no working compiler\n(details)")
+    monkeypatch.setattr(gsnr, "compile_kernel", broken)
+    monkeypatch.setattr(gsnr, "_AUTO_OFF", {})
+    monkeypatch.setattr(gsnr, "compiler_present", lambda device: True)
+    hp = hparams("vr-adam", "custom")
+    ref, _ = _run("vr-adam", hp, torch.float64, foreach=False)
+    with pytest.warns(RuntimeWarning, match="did not compile on cpu .*CppCompileError") as caught:
+        out, _ = _run("vr-adam", hp, torch.float64)
+    assert len([w for w in caught if "gsnr_fused" in str(w.message)]) == 1
+    assert gsnr._AUTO_OFF == {"cpu": "RuntimeError: CppCompileError: no working compiler"}
+    for p, q in zip(ref, out):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="no working compiler"):
+        _run("vr-adam", hp, torch.float64, gsnr_fused=True)
+
+
+def test_auto_past_the_hyperparameter_limit_runs_the_formulas_for_that_set(monkeypatch):
+    """A γ schedule compiling a kernel per step is refused (``KernelLimit``): auto runs that set
+    on the formulas, with one warning, and keeps compiling the sets it has."""
+    monkeypatch.setattr(_ops, "_KEYS", {gsnr._gsnr_into: {(g, 0.0) for g in range(_ops.KEYS_PER_KERNEL)}})
+    monkeypatch.setattr(gsnr, "_AUTO_OFF", {})
+    hp = {**hparams("vr-momentum", "custom"), "gamma": 0.4321}
+    ref, _ = _run("vr-momentum", hp, torch.float64, foreach=False)
+    with pytest.warns(RuntimeWarning, match="would compile for a 17th set"):
+        out, _ = _run("vr-momentum", hp, torch.float64)
+    for p, q in zip(ref, out):
+        torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
+    assert set(gsnr._AUTO_OFF) == {"limit"}
+    assert gsnr._use_fused({"gsnr_fused": None, "foreach": None}, torch.device("cpu")) is _ops.compiler_present("cpu")
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -124,23 +207,26 @@ def test_accelerator_foreach_branch_equals_per_tensor(name, monkeypatch):
 MANY = [(), (1,), (0,), (1, 1)] + [(n,) for n in range(2, 12)] + [(n, 3) for n in range(2, 10)]
 
 
-@pytest.mark.parametrize("name,dtype,tol,wd", [("adam", torch.float64, 1e-12, 0.0321), ("lamb", torch.float32, 1e-6, 0.0322),
-                                               ("vr-lamb", torch.float32, 1e-6, 0.0323)])
-def test_many_sizes_one_graph_per_kernel_and_no_eager_fallback(name, dtype, tol, wd):
+@pytest.mark.parametrize("name,dtype,tol,wd,flags", [
+    ("adam", torch.float64, 1e-12, 0.0321, {"fused": True}), ("lamb", torch.float32, 1e-6, 0.0322, {"fused": True}),
+    ("vr-lamb", torch.float32, 1e-6, 0.0323, {"fused": True}),
+    ("vr-lamb", torch.float32, 1e-6, 0.0324, {}),   # the default: the GSNR kernel only
+], ids=["adam", "lamb", "vr-lamb", "vr-lamb-default"])
+def test_many_sizes_one_graph_per_kernel_and_no_eager_fallback(name, dtype, tol, wd, flags):
     """One graph per kernel whatever the sizes; equal to the per-tensor path on every tensor.
 
     The hyperparameters are this test's own, so each kernel compiles here: its graphs are
     counted exactly (a 0/1-size specialisation would add two, a fallback would compile none).
     """
     from torch._dynamo.utils import counters
-    hp = {"lr": 0.01, "weight_decay": wd, **({"gamma": 0.321} if name.startswith("vr-") else {})}
+    hp = {"lr": 0.01, "weight_decay": wd, **({"gamma": 0.321 + wd} if name.startswith("vr-") else {})}
     gen = torch.Generator().manual_seed(5)
     init = [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in MANY]
     runs = []
     before = counters["stats"]["unique_graphs"]
-    for flags in ({"fused": True}, {"foreach": False}):
+    for kw in (flags, {"foreach": False}):
         ps = [t.clone().requires_grad_(True) for t in init]
-        opt = lbt.OPTIMIZERS[name](ps, **hp, **flags)
+        opt = lbt.OPTIMIZERS[name](ps, **hp, **kw)
         for step in range(3):
             grads = [torch.randn(s, generator=torch.Generator().manual_seed(step), dtype=torch.float64).to(dtype)
                      for s in MANY]
@@ -150,8 +236,8 @@ def test_many_sizes_one_graph_per_kernel_and_no_eager_fallback(name, dtype, tol,
                 opt.set_grad_sq([2.5 * g * g for g in grads])
             opt.step()
         runs.append(ps)
-        if flags.get("fused"):
-            assert counters["stats"]["unique_graphs"] - before == (2 if opt.rule.gsnr else 1)
+        if kw is flags:
+            assert counters["stats"]["unique_graphs"] - before == (1 if not flags else 2 if opt.rule.gsnr else 1)
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, rtol=tol, atol=tol)
 

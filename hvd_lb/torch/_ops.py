@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shutil
 import types
 
 import torch
@@ -140,12 +141,16 @@ KEYS_PER_KERNEL = 16
 _KEYS: dict = {}
 
 
+class KernelLimit(RuntimeError):
+    """``compile_kernel`` refused a new set of hyperparameters (nothing was compiled)."""
+
+
 def compile_kernel(fn, key=()):
     """``_compile_copy(fn, key)``, refusing a kernel that would compile for ever more constants."""
     keys = _KEYS.setdefault(fn, set())
     if key not in keys:
         if len(keys) >= KEYS_PER_KERNEL:
-            raise RuntimeError(
+            raise KernelLimit(
                 f"fused=True: {fn.__name__} would compile for a {len(keys) + 1}th set of hyperparameters "
                 f"{key}: each value of a hyperparameter other than lr is a compiled kernel, so one that "
                 "changes every step (e.g. OneCycleLR's cycle_momentum) recompiles every step; use "
@@ -168,6 +173,24 @@ def _compile_copy(fn, key=()):
                               fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
     return torch.compile(copy, dynamic=True, fullgraph=True)
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_present(device_type: str) -> bool:
+    """Whether ``torch.compile`` can build kernels for ``device_type`` here: Inductor's C++
+    compiler on CPU, Triton on CUDA; no other device. Decides ``gsnr_fused=None`` (auto)."""
+    if not torch._dynamo.is_dynamo_supported():
+        return False
+    if device_type == "cpu":
+        from torch._inductor import cpp_builder
+        try:
+            return shutil.which(cpp_builder.get_cpp_compiler()) is not None
+        except Exception:  # no compiler found: Inductor raises while looking
+            return False
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+        return has_triton()
+    return False
 
 
 def run_closure(closure):

@@ -21,14 +21,15 @@ rules initialise a parameter's state only while it is empty.
 """
 from __future__ import annotations
 
+import warnings
 from fnmatch import fnmatchcase
 from typing import Dict, List, Optional
 
 import torch
 
 from .. import formulas, grouping, rules
-from ._ops import (T, compile_kernel, flat, graph_scalar, keep_wide_state, mul_into, real_view, run_closure,
-                   scratch, specialized_floats, state_dtype)
+from ._ops import (KernelLimit, T, compile_kernel, compiler_present, flat, graph_scalar, keep_wide_state, mul_into, real_view,
+                   run_closure, scratch, specialized_floats, state_dtype)
 
 _KEYS = ("gamma", "gsnr_momentum", "gsnr_exclude", "gsnr_fused")
 
@@ -82,11 +83,18 @@ class GSNR(torch.optim.Optimizer):
             GSNR applies to every tensor); names come from ``named_parameters`` or from
             ``hvd_lb.torch.create(name, model)``.
         named_parameters: ``model.named_parameters()``, for ``exclude`` and diagnostics.
-        fused: compute r and ĝ per tensor in one ``torch.compile``d kernel instead of the
-            foreach/per-tensor paths chosen by the group's ``foreach`` flag: 2.1–2.8× faster
-            on CPU (``bench/gsnr_fused.py``), compiled on the first step; opt-in for the
-            reasons in ``LargeBatchOptimizer``'s docstring. Named ``vr-*`` classes take
-            ``gsnr_fused`` (default: their ``fused``).
+        fused: compute r and ĝ per tensor in one ``torch.compile``d kernel (``True``), with
+            the foreach/per-tensor paths chosen by the group's ``foreach`` flag (``False``), or
+            ``None`` (default): compiled where a compiler is present (``_ops.compiler_present``:
+            a C++ compiler on CPU, Triton on CUDA), the group's ``foreach`` is None and the step
+            is not itself being compiled (Dynamo then fuses the foreach path), else foreach.
+            The kernel reads ḡ and s 3–4 times against ~20 passes of foreach: 2.1–2.8× faster
+            on CPU (``bench/gsnr_fused.py``); one graph per dtype for every tensor size (0-d
+            and 1-element included); the first step compiles it (~3 s with Inductor's disk
+            cache warm, ~12 s cold). Where auto cannot compile (a broken compiler, the
+            recompile or hyperparameter limits of ``_ops``), it warns once and runs foreach;
+            ``True`` raises instead. Named ``vr-*`` classes take ``gsnr_fused`` (default:
+            their ``fused`` where given, else auto).
 
     Use it in place of ``optimizer``, inside ``hvd_lb.torch.DistributedOptimizer`` (which
     gives it s), with ``state_dict``/``load_state_dict``, LR schedulers, hooks and
@@ -105,7 +113,7 @@ class GSNR(torch.optim.Optimizer):
     _optimizer_load_state_dict_post_hooks = _shared("_optimizer_load_state_dict_post_hooks", "the wrapped optimizer's")
 
     def __init__(self, optimizer: torch.optim.Optimizer, gamma: float = 0.1, momentum: float = 0.0,
-                 exclude=(), named_parameters=None, fused: bool = False):
+                 exclude=(), named_parameters=None, fused: Optional[bool] = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a torch.optim.Optimizer")
         if isinstance(optimizer, GSNR):
@@ -117,7 +125,7 @@ class GSNR(torch.optim.Optimizer):
             raise ValueError("invalid optimizer=LBFGS: its closure re-evaluates gradients inside step(), "
                              "which have no gradient statistics; use a first-order optimizer")
         gamma, momentum = rules.check_gsnr(gamma, momentum)
-        rules.check_bool("fused", fused)
+        rules.check_bool("fused", fused, allow_none=True)
         exclude = grouping.patterns("exclude", exclude)
         clash = sorted(set(_KEYS) & set(optimizer.defaults))
         if clash and clash != sorted(_KEYS):  # all four: it was wrapped before (a reload)
@@ -150,7 +158,7 @@ class GSNR(torch.optim.Optimizer):
         holds the same keys for ``hvd.broadcast_optimizer_state``.
         """
         group["gamma"], group["gsnr_momentum"] = rules.check_gsnr(group["gamma"], group["gsnr_momentum"])
-        group["gsnr_fused"] = rules.check_bool("gsnr_fused", group["gsnr_fused"])
+        group["gsnr_fused"] = rules.check_bool("gsnr_fused", group["gsnr_fused"], allow_none=True)
         if self._exclude and not group["gsnr_exclude"]:
             names = self._param_names
             if any(p not in names for p in group["params"]):
@@ -332,7 +340,8 @@ def _gsnr(group, ps, ss, states, owned, floor=None):
     # |x| > 1.8e19 finite; the maths then runs in float64 too).
     wide = [g.to(torch.promote_types(torch.promote_types(g.dtype, torch.float32), s.dtype))
             for g, s in zip(gs, ss)]
-    in_place = not group["gsnr_fused"] and group.get("foreach") is not False
+    fused = _use_fused(group, ps[0].device)
+    in_place = not fused and group.get("foreach") is not False
     # The foreach path writes ĝ over s: the caller's buffer where ``owned`` (the
     # DistributedOptimizer's), a working-dtype copy, or else a copy made here.
     ss = [s.to(g.dtype) if s.dtype != g.dtype else s if owned or not in_place else s.clone()
@@ -341,16 +350,8 @@ def _gsnr(group, ps, ss, states, owned, floor=None):
     avgs = [real_view(st[rules.GSNR_SLOT]).to(g.dtype) if rules.GSNR_SLOT in st else torch.zeros_like(g)
             for st, g in zip(states, wide)]
     eps_w = [max(formulas.variance_floor(g.dtype == torch.float64), floor or 0.0) for g in wide]
-    if group["gsnr_fused"]:
-        # Nothing allocated per step: p_t goes into the state's buffer (its working-dtype copy
-        # where the state is narrower), ĝ into a buffer kept per parameter.
-        fn, cache = compile_kernel(_gsnr_into, (group["gamma"], group["gsnr_momentum"])), {}
-        out = scratch(keys, [g.dtype for g in wide], tag="gsnr")
-        with specialized_floats():
-            res = [fn(*flat(g, s, avg, o), graph_scalar(t, g.device, cache), group["gamma"],
-                      group["gsnr_momentum"], e)
-                   for g, s, avg, o, t, e in zip(wide, ss, avgs, out, steps, eps_w)]
-        mus, clipped = torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
+    if fused:
+        out, mus, clipped = _gsnr_fused(group, wide, ss, avgs, keys, steps, eps_w)
     elif in_place:
         out, avgs, mus, clipped = _gsnr_foreach(wide, ss, avgs, steps, eps_w, group["gamma"],
                                                 group["gsnr_momentum"], scratch(keys, [g.dtype for g in wide]))
@@ -362,6 +363,60 @@ def _gsnr(group, ps, ss, states, owned, floor=None):
     out = [_as_complex_like(o.to(g.dtype), p) for o, g, p in zip(out, gs, ps)]
     avgs = [_as_complex_like(a, p) for a, p in zip(avgs, ps)]
     return out, avgs, steps, mus, clipped
+
+
+_AUTO_OFF: Dict[str, str] = {}  # device type (or "limit") → why auto (gsnr_fused=None) gave up
+
+
+def _use_fused(group, device) -> bool:
+    """``gsnr_fused`` resolved: None (auto) compiles where a compiler is present, the group
+    leaves ``foreach`` to us, and no outer ``torch.compile`` is tracing this step."""
+    choice = group["gsnr_fused"]
+    if choice is not None:
+        return choice
+    return (group.get("foreach") is None and not torch.compiler.is_compiling()
+            and device.type not in _AUTO_OFF and compiler_present(device.type))
+
+
+def _gsnr_fused(group, wide, ss, avgs, keys, steps, eps_w):
+    """The compiled path of ``_gsnr``: (ĝ list, μ_r, clipped). Nothing allocated per step: p_t
+    goes into the state's buffer (its working-dtype copy where the state is narrower), ĝ into
+    a buffer kept per parameter. Under auto a failure to compile warns once and the remaining
+    tensors run the per-tensor formulas (the done ones are final: nothing is applied twice)."""
+    gamma, b3 = group["gamma"], group["gsnr_momentum"]
+    out = scratch(keys, [g.dtype for g in wide], tag="gsnr")
+    todo, res, cache = list(zip(wide, ss, avgs, out, steps, eps_w)), [], {}
+    try:
+        fn = compile_kernel(_gsnr_into, (gamma, b3))
+        with specialized_floats():
+            for g, s, avg, o, t, e in todo:
+                res.append(fn(*flat(g, s, avg, o), graph_scalar(t, g.device, cache), gamma, b3, e))
+    except Exception as err:  # compiler and Dynamo errors have no common base class
+        if group["gsnr_fused"] is not None:
+            raise
+        _give_up(wide[0].device.type, err)
+        for g, s, avg, o, t, e in todo[len(res):]:
+            g_hat, p_t, mu, c = _gsnr_one(g, s, avg, t, gamma, b3, e)
+            avg.copy_(p_t)
+            o.copy_(g_hat)
+            res.append((mu, c))
+    return out, torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
+
+
+def _give_up(device: str, err: Exception) -> None:
+    """Auto could not compile: warn once. A refused hyperparameter set (``KernelLimit``) falls
+    back for that set only; any other failure turns auto off on ``device`` for the process."""
+    why = f"{type(err).__name__}: {err}".splitlines()[0]
+    if isinstance(err, KernelLimit):
+        if "limit" not in _AUTO_OFF:
+            _AUTO_OFF["limit"] = why
+            warnings.warn(f"gsnr_fused=None (auto): {why}; such groups run the per-tensor formulas",
+                          RuntimeWarning, stacklevel=5)
+    elif device not in _AUTO_OFF:
+        _AUTO_OFF[device] = why
+        warnings.warn(f"gsnr_fused=None (auto): the GSNR kernel did not compile on {device} ({why}); "
+                      "the foreach path runs instead for the rest of this process. Pass "
+                      "gsnr_fused=False to choose it, True to see the error", RuntimeWarning, stacklevel=5)
 
 
 def _as_complex_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -438,7 +493,8 @@ def vr_class(base: type, rule: rules.Rule) -> type:
     """The class of ``vr-X``: ``GSNR`` in front of ``X`` (``base``), built from one argument list.
 
     γ and β₃ are keyword arguments (``gamma``, ``gsnr_momentum``; defaults from the rule
-    table, also accepted per param group); ``gsnr_fused`` follows ``fused`` unless given.
+    table, also accepted per param group); ``gsnr_fused`` follows ``fused`` unless given
+    (neither given: auto, see ``GSNR``).
     Every other argument goes to ``base``.
     """
     defaults = rule.defaults
@@ -446,7 +502,7 @@ def vr_class(base: type, rule: rules.Rule) -> type:
     def __init__(self, params, lr=None, *, gamma=defaults["gamma"],
                  gsnr_momentum=defaults["gsnr_momentum"], gsnr_fused=None, **hparams):
         if gsnr_fused is None:
-            gsnr_fused = hparams.get("fused", False) is True
+            gsnr_fused = hparams.get("fused")  # None: auto
         try:
             inner = base(params, lr, **hparams)
         except ValueError as e:  # name the optimizer the user asked for

@@ -102,10 +102,14 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
     ``per_tensor``; ``vr-*`` classes fuse the GSNR maths too). Measured on 2 CPU cores
     (``bench/real_shapes.py``, ResNet-18 shapes): ``vr-lamb`` steps 1.5–1.8× faster than
     foreach, and the first step compiles for 22 s (5 s with Inductor's on-disk cache warm).
-    Still not the default: it needs a C++ compiler (CPU) or Triton (GPU) at run time, and
-    torch 2.13's Inductor miscompiled two of these kernels until they were written around
-    it (``_ops.specialized_floats``, ``gsnr._gsnr_into``), so another torch version is only as
-    safe as ``tests/test_torch_fused.py`` says; foreach works everywhere.
+    ``fused=None`` (default) leaves the update on foreach, as torch.optim does, while a
+    ``vr-*`` class compiles its GSNR maths where a compiler is present (``gsnr_fused``
+    auto, see ``GSNR``); ``fused=False`` keeps both on foreach. The update stays opt-in: it
+    is a kernel per rule and hyperparameter set (a momentum or betas schedule, OneCycleLR's
+    default, would compile every step, which ``_ops.compile_kernel`` refuses), and torch
+    2.13's Inductor miscompiled two of these kernels until they were written around it
+    (``_ops.specialized_floats``, ``gsnr._gsnr_into``), so another torch version is only as
+    safe as ``tests/test_torch_fused.py`` says.
     """
 
     rule_name: str = ""
@@ -116,14 +120,14 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         return rules.RULES[self.rule_name]
 
     def __init__(self, params, lr: Optional[float] = None, *, adapt: bool = True, decay: bool = True,
-                 foreach: Optional[bool] = None, fused: bool = False, **hparams):
+                 foreach: Optional[bool] = None, fused: Optional[bool] = None, **hparams):
         if lr is not None:
             hparams["lr"] = lr
         defaults = self._validated(hparams)
         defaults["adapt"] = rules.check_bool("adapt", adapt)
         defaults["decay"] = rules.check_bool("decay", decay)
         defaults["foreach"] = rules.check_bool("foreach", foreach, allow_none=True)
-        defaults["fused"] = rules.check_bool("fused", fused)
+        defaults["fused"] = rules.check_bool("fused", fused, allow_none=True)
         self._param_names: Dict[torch.Tensor, str] = {}
         super().__init__(params, defaults)
 
@@ -151,7 +155,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         """Unpickling and ``load_state_dict``: groups of older versions get the keys added since."""
         super().__setstate__(state)
         self.__dict__.setdefault("_param_names", {})
-        fill = {**self.rule.defaults, "adapt": True, "decay": True, "foreach": None, "fused": False}
+        fill = {**self.rule.defaults, "adapt": True, "decay": True, "foreach": None, "fused": None}
         for group in self.param_groups:
             for key, value in fill.items():
                 group.setdefault(key, self.defaults.get(key, value))
@@ -165,7 +169,7 @@ class LargeBatchOptimizer(torch.optim.Optimizer):
         for flag in ("adapt", "decay"):
             group[flag] = rules.check_bool(flag, group[flag])
         group["foreach"] = rules.check_bool("foreach", group["foreach"], allow_none=True)
-        group["fused"] = rules.check_bool("fused", group.get("fused", False))
+        group["fused"] = rules.check_bool("fused", group.get("fused"), allow_none=True)
         if group["fused"]:
             if group["foreach"]:
                 raise ValueError("invalid foreach=True with fused=True: choose one")
