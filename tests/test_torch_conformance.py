@@ -66,7 +66,7 @@ def _hvd():
 def _rule(name: str) -> Subject:
     rule = rules.get_rule(name)
     hp = {k: v for k, v in HP.items() if k in rule.defaults}
-    impls = [{"foreach": False}, {"foreach": True}]
+    impls = [{"foreach": False}, {"foreach": True}] + ([{}] if rule.gsnr else [])  # {}: the GSNR kernel, auto
     if KERNELS[rule.base].fused is not None:
         impls.append({"fused": True})
     return Subject(name, lambda ps, **kw: lbt.OPTIMIZERS[name](ps, **{**hp, **kw}), hp, gsnr=rule.gsnr,
@@ -74,7 +74,7 @@ def _rule(name: str) -> Subject:
 
 
 def _gsnr_make(inner_cls, inner_hp):
-    def make(ps, fused=False, **kw):
+    def make(ps, fused=None, **kw):
         inner = inner_cls(ps, **{**inner_hp, **kw})
         return lbt.GSNR(inner, gamma=HP["gamma"], fused=fused)
     return make
@@ -93,9 +93,9 @@ _SGD = {"lr": HP["lr"], "weight_decay": HP["weight_decay"], "momentum": HP["mome
 _TORCH_IMPLS = [{"foreach": False}, {"foreach": True}, {"fused": True}]
 
 GSNR_ADAMW = Subject("GSNR(AdamW)", _gsnr_make(torch.optim.AdamW, _ADAMW), {**_ADAMW, "gamma": HP["gamma"]},
-                     gsnr=True, impls=_TORCH_IMPLS, maximize=True)
+                     gsnr=True, impls=_TORCH_IMPLS + [{}], maximize=True)
 GSNR_SGD = Subject("GSNR(SGD)", _gsnr_make(torch.optim.SGD, _SGD), {**_SGD, "gamma": HP["gamma"]},
-                   gsnr=True, impls=_TORCH_IMPLS, maximize=True)
+                   gsnr=True, impls=_TORCH_IMPLS + [{}], maximize=True)
 CONTROLS = [
     Subject("torch.SGD", lambda ps, **kw: torch.optim.SGD(ps, **{**_SGD, **kw}), _SGD, impls=_TORCH_IMPLS,
             maximize=True),
