@@ -242,6 +242,31 @@ def test_many_sizes_one_graph_per_kernel_and_no_eager_fallback(name, dtype, tol,
         torch.testing.assert_close(p, q, rtol=tol, atol=tol)
 
 
+def test_channels_last_tensors_share_the_one_graph():
+    """Conv weights in ``channels_last`` (dense, not contiguous) of many shapes: still one graph
+    for the default GSNR kernel, equal to the per-tensor path."""
+    from torch._dynamo.utils import counters
+    shapes = [(8, 3, 3, 3), (16, 8, 3, 3), (16, 16, 1, 1), (4, 2, 5, 5), (32, 16, 3, 3), (1, 1, 3, 3)]
+    gen = torch.Generator().manual_seed(7)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    runs, before = [], counters["stats"]["unique_graphs"]
+    for kw in ({}, {"foreach": False}):
+        ps = [t.clone().to(memory_format=torch.channels_last).requires_grad_(True) for t in init]
+        opt = lbt.create("vr-momentum", ps, lr=0.01, gamma=0.3217, **kw)
+        for _ in range(2):
+            for p, g in zip(ps, grads):
+                p.grad = g.to(memory_format=torch.channels_last)
+            assert not ps[1].grad.is_contiguous()
+            opt.set_grad_sq([2.5 * p.grad * p.grad for p in ps])
+            opt.step()
+        runs.append(ps)
+        if not kw:
+            assert counters["stats"]["unique_graphs"] - before == 1
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
 def test_recompile_limit_is_an_error_not_a_silent_eager_fallback():
     """Past Dynamo's limit a kernel would run eagerly for the rest of the process; it raises."""
     ps = [torch.ones(2, 3, dtype=dt, requires_grad=True) for dt in (torch.float32, torch.float64)]

@@ -91,9 +91,20 @@ def mul_into(out, a, b) -> None:
 
 
 def flat(*tensors):
-    """1-d views where every tensor is contiguous (one compiled graph for all ranks), else as is."""
+    """1-d views of the tensors' memory (one compiled graph for every rank and size), else as is.
+
+    Contiguous tensors, or dense ones that share one layout (``channels_last`` gradients, state
+    and scratch built ``like`` them): the kernels are element-wise maths and whole-tensor
+    reductions, which do not see the order of the elements. Detached, so no ``_base``: Dynamo
+    guards a view's base shape too (duck-sized: a 3×3 kernel's equal sizes became a guard
+    that the next shape failed, one graph per layout).
+    """
     if all(t.is_contiguous() for t in tensors):
-        return [t.view(-1) for t in tensors]
+        return [t.view(-1).detach() for t in tensors]
+    order = sorted(range(tensors[0].dim()), key=lambda d: -tensors[0].stride(d))  # memory order
+    views = [t.permute(order) for t in tensors]
+    if all(v.is_contiguous() for v in views):
+        return [v.view(-1).detach() for v in views]
     return list(tensors)
 
 
