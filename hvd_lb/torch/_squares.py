@@ -92,14 +92,22 @@ def norms(tensors):
     return out
 
 
-def follow_rescale(s: torch.Tensor, norm1: torch.Tensor, norm0: torch.Tensor) -> torch.Tensor:
-    """s · (norm1/norm0)², in place: norm0 = ‖ḡ‖ when s was reduced, norm1 = ‖p.grad‖ at the step.
+def follow_rescale(ss, norm1, norm0) -> None:
+    """s ← s · (norm1/norm0)² per tensor, in place: norm0 = ‖ḡ‖ when s was reduced, norm1 =
+    ‖p.grad‖ at the step (``norms``' 0-d tensors).
 
-    Every sample is rescaled alike by GradScaler's unscale or norm clipping, so s
-    follows ḡ with the square of the factor (1 where ḡ was zero).
+    Every sample is rescaled alike by GradScaler's unscale or norm clipping, so s follows ḡ
+    with the square of the factor (1 where ḡ was zero). Most steps rescale nothing: one host
+    read of the factors (``norms`` already makes one) skips the pass over s where it is 1.
     """
-    ratio = torch.where(norm0 > 0, norm1 / torch.where(norm0 > 0, norm0, 1.0), 1.0)
-    return s.mul_((ratio * ratio).to(s.dtype))
+    if not ss:
+        return
+    n1, n0 = torch.stack(list(norm1)), torch.stack(list(norm0))
+    ratio = torch.where(n0 > 0, n1 / torch.where(n0 > 0, n0, 1.0), 1.0)
+    factor = ratio * ratio
+    for s, f, one in zip(ss, factor.unbind(), (factor == 1).tolist()):
+        if not one:
+            s.mul_(f.to(s.dtype))
 
 
 __all__ = ["MicroBatchSquares", "follow_rescale", "norms", "work_dtype"]

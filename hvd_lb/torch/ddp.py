@@ -216,8 +216,7 @@ class DDPStatistics:
             return None, False
         sq = [self._stats.pop(p, None) if p.grad is not None else None for p in params]
         have = [(s, p) for s, p in zip(sq, params) if s is not None]
-        for (s, p), n1 in zip(have, norms([p.grad for _, p in have])):
-            follow_rescale(s, n1, self._norms[p])
+        follow_rescale([s for s, _ in have], norms([p.grad for _, p in have]), [self._norms[p] for _, p in have])
         self._stats.clear()
         self._norms.clear()
         out = {p: s for p, s in zip(params, sq) if s is not None}

@@ -403,8 +403,8 @@ class _DistributedGSNR(GSNR):
                 if s is not None and p.grad is not None:
                     rescaled.append((s, p, n0))
                     sq[p] = s
-        for (s, p, n0), n1 in zip(rescaled, norms([p.grad for _, p, _ in rescaled])):
-            follow_rescale(s, n1, n0)
+        follow_rescale([s for s, _, _ in rescaled], norms([p.grad for _, p, _ in rescaled]),
+                       [n0 for _, _, n0 in rescaled])
         if self.skip_nonfinite and _skip(self, list(sq.values())):
             return loss  # the kept s stays that of the last finite statistics step
         if reuse and rescaled and (self.skip_nonfinite or _finite(self, [s for s, _, _ in rescaled])):
