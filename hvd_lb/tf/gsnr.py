@@ -109,6 +109,28 @@ def _gsnr_xla():
     return tf.function(_gsnr_one, jit_compile=True, reduce_retracing=True)
 
 
+@functools.lru_cache(maxsize=None)
+def xla_available() -> bool:
+    """Whether an XLA-compiled ``tf.function`` runs on this TF build and default device.
+
+    Probed once per process with a tiny program, inside ``tf.init_scope`` so that it runs
+    eagerly even while a ``tf.function`` (``model.fit``'s step) is being traced. A build or
+    device without XLA raises a ``tf.errors.OpError`` (no ``_XlaCompile`` kernel, JIT
+    disabled), which means False.
+    """
+    with tf.init_scope():
+        try:
+            tf.function(lambda x: x * x + 1.0, jit_compile=True)(tf.constant([1.0])).numpy()
+        except tf.errors.OpError:
+            return False
+    return True
+
+
+def resolve_fused(fused) -> bool:
+    """``fused`` as given (True, False), or for None (auto) whether XLA works here."""
+    return xla_available() if fused is None else fused
+
+
 _LIVE = weakref.WeakSet()  # every GSNR, so a tape told of no optimizer knows to compute s
 _OFFERED = {}  # variable key → s from the last DistributedGradientTape(tape) without optimizer=
 
@@ -151,7 +173,7 @@ class GSNR(keras.optimizers.Optimizer):
     tracing noise); and XLA is not on every TF build or device (GPUs were not measured).
     """
 
-    def __init__(self, optimizer, gamma=0.1, momentum=0.0, exclude=None, fused=False, name=None, **kwargs):
+    def __init__(self, optimizer, gamma=0.1, momentum=0.0, exclude=None, fused=None, name=None, **kwargs):
         if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
                 optimizer, (GSNR, keras.optimizers.LossScaleOptimizer)):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer, not a GSNR or "
@@ -169,7 +191,7 @@ class GSNR(keras.optimizers.Optimizer):
             raise ValueError("set loss_scale_factor on GSNR, not on the wrapped optimizer")
         gamma, momentum = rules.check_gsnr(gamma, momentum)
         exclude = grouping.patterns("exclude", exclude)
-        rules.check_bool("fused", fused)
+        rules.check_bool("fused", fused, allow_none=True)
         super().__init__(learning_rate=0.0, name=name, **kwargs)
         self.inner_optimizer = optimizer
         self.gamma, self.momentum, self.fused = gamma, momentum, fused
@@ -273,13 +295,15 @@ class GSNR(keras.optimizers.Optimizer):
 
         variables = list(variables)
         stats = [self._io.stats[self._var_key(v)] for v in variables]
+        # Auto resolved here, in the cross-replica context, not once per replica.
+        scale = functools.partial(self._scale, variables, resolve_fused(self.fused))
         # Under tf.distribute: once per replica, each on its own copy of p_t (ḡ and s are mirrored).
-        out = _strategy.per_replica(functools.partial(self._scale, variables), variables[0], list(grads), stats)
+        out = _strategy.per_replica(scale, variables[0], list(grads), stats)
         self.inner_optimizer.apply(list(out), variables)
 
-    def _scale(self, variables, grads, stats):
-        """ĝ per variable (p_t and the diagnostics written)."""
-        one = _gsnr_xla() if self.fused else _gsnr_one
+    def _scale(self, variables, fused, grads, stats):
+        """ĝ per variable (p_t and the diagnostics written); ``fused``: through ``_gsnr_xla``."""
+        one = _gsnr_xla() if fused else _gsnr_one
         t = self.iterations + 1
         out, rows, diag = [], [], []
         for g, v, (mean, sq) in zip(grads, variables, stats):
@@ -293,7 +317,7 @@ class GSNR(keras.optimizers.Optimizer):
             self.assign(avg, p)
             # A shared XLA trace may have unknown dimensions (reduce_retracing): give the
             # wrapped optimizer ĝ with its variable's static shape.
-            out.append(tf.ensure_shape(g_hat, v.shape) if self.fused else g_hat)
+            out.append(tf.ensure_shape(g_hat, v.shape) if fused else g_hat)
             rows.append(i)
             diag.append(row)
         if rows:
