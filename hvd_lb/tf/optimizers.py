@@ -229,8 +229,8 @@ class _NamedGSNR(GSNR):
 
     Takes the base rule's arguments (``exclude``/``include``/``fused`` as there) plus
     ``gamma`` = γ and ``gsnr_momentum`` = β₃ (defaults from the rule table) and
-    ``gsnr_fused``, the transform's ``fused`` (default None: True with ``fused=True``, which
-    so fuses both, else auto as ``GSNR``'s default); Keras arguments (``clipnorm``, ...) act
+    ``gsnr_fused``, the transform's ``fused`` (default None: True with ``fused=True``, so
+    that it fuses both, else ``GSNR``'s auto); Keras arguments (``clipnorm``, ...) act
     on ḡ. s, the mean of squared gradient samples (SPEC §1), comes from
     ``DistributedOptimizer``, ``DistributedGradientTape`` or ``set_grad_sq`` before ``apply``.
     """
