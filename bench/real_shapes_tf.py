@@ -16,11 +16,13 @@ PYTHONPATH=$PWD OMP_NUM_THREADS=1.
    hvd_lb non-VR ``lamb``, VR ``vr-lamb`` and ``GSNR(AdamW)`` with s as float32 and as
    bfloat16, and one extra ``hvd.grouped_allreduce`` of every gradient timed in the same
    rounds: "VR extra / one all-reduce" = (VR step − its non-VR step) / (that all-reduce).
-   The first call of each step (tracing) is printed too. ``--fused`` adds ``lamb``,
+   The first call of each step (tracing, and XLA compiles where used) is printed too. Every
+   variant has the defaults (GSNR's maths: XLA where it works). ``--fused`` adds ``lamb``,
    ``vr-lamb`` (rule and transform) and ``GSNR(AdamW)`` with ``fused=True`` (each variable's
-   maths as one XLA program; their first step includes tracing and the XLA compiles), and
-   times the optimizer's ``apply`` alone for each fused/per-tensor pair, on the model's
-   variables and fixed gradients (no forward/backward, no all-reduce):
+   maths as one XLA program) and ``vr-lamb``, ``GSNR(AdamW)`` with ``fused=False`` throughout
+   ("-plain"), each as a ratio to its default variant, and times the optimizer's ``apply``
+   alone for each of them, on the model's variables and fixed gradients (no forward/backward,
+   no all-reduce):
 
     horovodrun -np 2 -H localhost:2 --gloo .venv/bin/python bench/real_shapes_tf.py --fused
 
@@ -45,7 +47,9 @@ sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", message="hvd_lb: GSNR from k")
 
 KINDS = ["sgd", "adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32", "gsnr-adamw-bf16"]
-FUSED = {"lamb-fused": "lamb", "vr-lamb-f32-fused": "vr-lamb-f32", "gsnr-adamw-f32-fused": "gsnr-adamw-f32"}
+# variant → the default variant it is compared with ("-fused": fused=True, "-plain": fused=False throughout)
+FUSED = {"lamb-fused": "lamb", "vr-lamb-f32-fused": "vr-lamb-f32", "vr-lamb-f32-plain": "vr-lamb-f32",
+         "gsnr-adamw-f32-fused": "gsnr-adamw-f32", "gsnr-adamw-f32-plain": "gsnr-adamw-f32"}
 MEM_KINDS = ["sgd", "adamw", "lamb", "vr-lamb-f32", "vr-lamb-bf16", "gsnr-adamw-f32"]
 
 
@@ -91,15 +95,15 @@ def batch(name, n, seed):
 def bare_optimizer(kind):
     import keras
     import hvd_lb.tf as H
-    fused = kind.endswith("-fused")
+    fused = {"-fused": True, "-plain": False}.get(kind[kind.rfind("-"):])  # None: the default
     if kind == "sgd":
         return keras.optimizers.SGD(0.01, momentum=0.9)
     if kind == "adamw":
         return keras.optimizers.AdamW(1e-3, weight_decay=0.01)
     if kind.startswith("lamb"):
-        return H.create("lamb", learning_rate=1e-3, fused=fused)
+        return H.create("lamb", learning_rate=1e-3, fused=bool(fused))
     if kind.startswith("vr-lamb"):
-        return H.create("vr-lamb", learning_rate=1e-3, fused=fused)
+        return H.create("vr-lamb", learning_rate=1e-3, fused=bool(fused), gsnr_fused=fused)
     if kind.startswith("gsnr-adamw"):
         return H.GSNR(keras.optimizers.AdamW(1e-3, weight_decay=0.01), momentum=0.9, fused=fused)
     raise ValueError(kind)
@@ -125,13 +129,13 @@ def kinds(args):
 def timed(runs, args):
     """``time_rounds`` over ``runs`` (name → callable) between Horovod barriers.
 
-    The fused XLA programs are cached per process: the caches are emptied before each fused
-    variant's first call, so that its first step pays every trace and compile, as a fresh run does.
+    The XLA programs are cached per process: the caches are emptied before each variant's
+    first call, so that its first step pays every trace and compile, as a fresh run does.
     """
     import tensorflow as tf
     import horovod.tensorflow as hvd
     from hvd_lb.tf import gsnr, optimizers
-    cold = set(FUSED)
+    cold = set(runs)
 
     def first_cold(k, run):
         def call():
@@ -189,13 +193,13 @@ def make_apply(opt, grads, squares, variables):
 
 
 def apply_bench(model_name, args):
-    """``apply`` alone, per-tensor and fused, on the model's variables and fixed gradients."""
+    """``apply`` alone, default and the ``FUSED`` variants, on the model's variables and fixed gradients."""
     import tensorflow as tf
     variables = build(model_name).trainable_variables
     grads = [tf.random.normal(v.shape, seed=i) for i, v in enumerate(variables)]
     squares = [g * g + 1.0 for g in grads]  # s ≥ ḡ², as a mean of squares is
-    pairs = [k for fused, non in FUSED.items() for k in (non, fused)]
-    return timed({k: make_apply(bare_optimizer(k), grads, squares, variables) for k in pairs}, args)
+    names = list(dict.fromkeys(k for variant, default in FUSED.items() for k in (default, variant)))
+    return timed({k: make_apply(bare_optimizer(k), grads, squares, variables) for k in names}, args)
 
 
 def report(model_name, med, first, n, args, workers):
@@ -218,10 +222,10 @@ def report(model_name, med, first, n, args, workers):
         print(f"  VR extra {vr:<15}- {non:<5}: wall {1e3 * extra:7.1f} ms = {extra / ar:5.2f} x one all-reduce, "
               f"step ratio {med[vr] / med[non]:.3f} | cpu {1e3 * extrac:7.1f} ms = {extrac / arc:5.2f} x, "
               f"step ratio {med[vr + '@cpu'] / med[non + '@cpu']:.3f}")
-    for fused, non in FUSED.items() if args.fused else ():
-        print(f"  fused {non:<15}: step wall x{med[fused] / med[non]:.3f}, "
-              f"cpu x{med[fused + '@cpu'] / med[non + '@cpu']:.3f} | first step {first[fused]:.2f} s vs "
-              f"{first[non]:.2f} s ({first[fused] - first[non]:+.2f} s: tracing and XLA compiles)")
+    for variant, default in FUSED.items() if args.fused else ():
+        print(f"  {default:<14} / {variant:<20}: step wall x{med[default] / med[variant]:.3f}, "
+              f"cpu x{med[default + '@cpu'] / med[variant + '@cpu']:.3f} | first step {first[default]:.2f} s vs "
+              f"{first[variant]:.2f} s")
     sys.stdout.flush()
     return {"model": model_name, "params": n, "workers": workers, "median_s": med, "first_s": first}
 
@@ -230,12 +234,11 @@ def report_apply(model_name, med, first, args):
     print(f"\n[{model_name}, TF/Keras 3] optimizer apply alone (fixed gradients; no forward/backward, no "
           f"all-reduce), {args.iters} timed rounds (medians)")
     print(f"  {'variant':<20} {'wall ms':>9} {'cpu ms':>8} {'first step s':>13}")
-    for fused, non in FUSED.items():
-        for k in (non, fused):
-            print(f"  {k:<20} {1e3 * med[k]:>9.1f} {1e3 * med[k + '@cpu']:>8.1f} {first[k]:>13.2f}")
-    for fused, non in FUSED.items():
-        print(f"  fused {non:<15}: apply wall x{med[fused] / med[non]:.3f}, "
-              f"cpu x{med[fused + '@cpu'] / med[non + '@cpu']:.3f} | first call {first[fused] - first[non]:+.2f} s")
+    for k in dict.fromkeys(k for variant, default in FUSED.items() for k in (default, variant)):
+        print(f"  {k:<20} {1e3 * med[k]:>9.1f} {1e3 * med[k + '@cpu']:>8.1f} {first[k]:>13.2f}")
+    for variant, default in FUSED.items():
+        print(f"  {default:<14} / {variant:<20}: apply wall x{med[default] / med[variant]:.3f}, "
+              f"cpu x{med[default + '@cpu'] / med[variant + '@cpu']:.3f}")
     sys.stdout.flush()
     return {"median_s": med, "first_s": first}
 
@@ -302,7 +305,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", help="rank 0 writes the medians here")
     ap.add_argument("--memory", action="store_true")
-    ap.add_argument("--fused", action="store_true", help="also time lamb, vr-lamb and GSNR(AdamW) with fused=True")
+    ap.add_argument("--fused", action="store_true",
+                    help="also time lamb, vr-lamb and GSNR(AdamW) with fused=True, and the last two with fused=False")
     ap.add_argument("--mem-worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mem_worker:

@@ -99,14 +99,39 @@ def _gsnr_one(mean, sq, g, avg, t, gamma, momentum, scale, floor=None):
 
 @functools.lru_cache(maxsize=None)
 def _gsnr_xla():
-    """``_gsnr_one`` as one XLA program per variable (``fused=True``), shared by every GSNR.
+    """``_gsnr_one`` as one XLA program per variable (``fused=True``, or None where XLA runs),
+    shared by every GSNR.
 
     About twenty element-wise ops and three means become a few loops. Traced per (dtypes, γ,
     β₃, loss scale); t is a tensor, so later steps reuse the trace. ``reduce_retracing``:
-    from the second tensor size on, one trace of unknown length serves all; XLA compiles
-    once per distinct (size, dtype) and caches the program.
+    from the second shape on, one trace of unknown shape serves all (2 traces for 30
+    variables of ranks 0 to 4); XLA compiles once per distinct (shape, dtype) and caches the
+    program (no recompile limit or fallback met: 30 shapes of 26 sizes tried).
     """
     return tf.function(_gsnr_one, jit_compile=True, reduce_retracing=True)
+
+
+@functools.lru_cache(maxsize=None)
+def xla_available() -> bool:
+    """Whether an XLA-compiled ``tf.function`` runs on this TF build and default device.
+
+    Probed once per process with a tiny program, inside ``tf.init_scope`` so that it runs
+    eagerly even while a ``tf.function`` (``model.fit``'s step) is being traced. A build or
+    device without XLA raises a ``tf.errors.OpError`` (no ``_XlaCompile`` kernel, JIT
+    disabled), which means False, silently: the plain path computes the same numbers, and a
+    warning on every such run would ask for nothing but ``fused=False``.
+    """
+    with tf.init_scope():
+        try:
+            tf.function(lambda x: x * x + 1.0, jit_compile=True)(tf.constant([1.0])).numpy()
+        except tf.errors.OpError:
+            return False
+    return True
+
+
+def resolve_fused(fused) -> bool:
+    """``fused`` as given (True, False), or for None (auto) whether XLA works here."""
+    return xla_available() if fused is None else fused
 
 
 _LIVE = weakref.WeakSet()  # every GSNR, so a tape told of no optimizer knows to compute s
@@ -136,22 +161,24 @@ class GSNR(keras.optimizers.Optimizer):
     variable with a None gradient is left untouched, as Keras does. ``variables`` and
     ``set_weights`` (hence checkpoints and ``.keras`` files) cover the wrapped optimizer's state.
 
-    ``fused=True`` computes each variable's r, μ_r, clipped fraction, p_t and ĝ in one
-    XLA-compiled ``tf.function`` call (the assignments stay outside), equal to ``fused=False``
-    to 1e-12 in float64 and 1e-6 in float32. It runs eagerly, inside a ``tf.function`` and
-    under ``model.fit``; a step that all-reduces with Horovod must not itself be
-    jit-compiled (no XLA kernel). XLA compiles once per distinct (shape, dtype) of the
-    variables, on the first step; t enters as a tensor, so later steps reuse the programs.
-    Default False, from ``bench/real_shapes_tf.py --fused`` (2-core CPU, float32, 2 workers,
-    ResNet-18 and a 7.3M-parameter transformer, four runs): ``apply`` of GSNR(AdamW) alone
-    took 0.67–1.01x the time of the per-tensor path, but the whole training step, where
-    forward, backward and all-reduce dominate, took 0.91–1.22x, i.e. no gain beyond this
-    shared machine's noise; the first step costs up to 2.4 s more (tracing and compiles,
-    timed in one process without Horovod; the bench's first-step column is dominated by
-    tracing noise); and XLA is not on every TF build or device (GPUs were not measured).
+    ``fused`` (default None, auto): each variable's r, μ_r, clipped fraction, p_t and ĝ in
+    one XLA-compiled ``tf.function`` call (the assignments stay outside) where XLA runs on
+    this TF build and device (``xla_available``, probed once per process), else plain TF ops;
+    True asks for XLA (its errors raised), False for plain ops. Both equal to 1e-12 in float64
+    and 1e-6 in float32; XLA runs eagerly, inside a ``tf.function`` and under ``model.fit``
+    (a step that all-reduces with Horovod must not itself be jit-compiled: no XLA kernel).
+    XLA compiles once per distinct (shape, dtype) on the first step, with no recompile
+    limit met; t enters as a tensor, so later steps reuse the programs (two traces in all).
+    Default auto, from one process, one thread, ``apply`` of GSNR(AdamW) in a
+    ``tf.function``: 0.80x the time of plain ops on ResNet-18 (124 vs 155 ms) and 0.85x on
+    a 7.3M-parameter transformer, the same as ``fused=True`` (0.97–1.02x); under
+    ``bench/real_shapes_tf.py --fused`` (2 workers, load average 3–6) 0.67–0.93x for
+    ``apply`` and 0.87–1.03x for the whole step (CPU time). The first step costs 0.9–1.6 s
+    more on ResNet-18 (17 shapes), nothing measurable on the transformer, 2.0 s on 30
+    variables of 26 sizes; on such tiny variables a step is 0.3 ms slower (call overhead).
     """
 
-    def __init__(self, optimizer, gamma=0.1, momentum=0.0, exclude=None, fused=False, name=None, **kwargs):
+    def __init__(self, optimizer, gamma=0.1, momentum=0.0, exclude=None, fused=None, name=None, **kwargs):
         if not isinstance(optimizer, keras.optimizers.Optimizer) or isinstance(
                 optimizer, (GSNR, keras.optimizers.LossScaleOptimizer)):
             raise ValueError(f"invalid optimizer={optimizer!r}: must be a Keras 3 optimizer, not a GSNR or "
@@ -169,7 +196,7 @@ class GSNR(keras.optimizers.Optimizer):
             raise ValueError("set loss_scale_factor on GSNR, not on the wrapped optimizer")
         gamma, momentum = rules.check_gsnr(gamma, momentum)
         exclude = grouping.patterns("exclude", exclude)
-        rules.check_bool("fused", fused)
+        rules.check_bool("fused", fused, allow_none=True)
         super().__init__(learning_rate=0.0, name=name, **kwargs)
         self.inner_optimizer = optimizer
         self.gamma, self.momentum, self.fused = gamma, momentum, fused
@@ -273,13 +300,15 @@ class GSNR(keras.optimizers.Optimizer):
 
         variables = list(variables)
         stats = [self._io.stats[self._var_key(v)] for v in variables]
+        # Auto resolved here, in the cross-replica context, not once per replica.
+        scale = functools.partial(self._scale, variables, resolve_fused(self.fused))
         # Under tf.distribute: once per replica, each on its own copy of p_t (ḡ and s are mirrored).
-        out = _strategy.per_replica(functools.partial(self._scale, variables), variables[0], list(grads), stats)
+        out = _strategy.per_replica(scale, variables[0], list(grads), stats)
         self.inner_optimizer.apply(list(out), variables)
 
-    def _scale(self, variables, grads, stats):
-        """ĝ per variable (p_t and the diagnostics written)."""
-        one = _gsnr_xla() if self.fused else _gsnr_one
+    def _scale(self, variables, fused, grads, stats):
+        """ĝ per variable (p_t and the diagnostics written); ``fused``: through ``_gsnr_xla``."""
+        one = _gsnr_xla() if fused else _gsnr_one
         t = self.iterations + 1
         out, rows, diag = [], [], []
         for g, v, (mean, sq) in zip(grads, variables, stats):
@@ -293,7 +322,7 @@ class GSNR(keras.optimizers.Optimizer):
             self.assign(avg, p)
             # A shared XLA trace may have unknown dimensions (reduce_retracing): give the
             # wrapped optimizer ĝ with its variable's static shape.
-            out.append(tf.ensure_shape(g_hat, v.shape) if self.fused else g_hat)
+            out.append(tf.ensure_shape(g_hat, v.shape) if fused else g_hat)
             rows.append(i)
             diag.append(row)
         if rows:

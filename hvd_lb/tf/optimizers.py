@@ -229,10 +229,10 @@ class _NamedGSNR(GSNR):
 
     Takes the base rule's arguments (``exclude``/``include``/``fused`` as there) plus
     ``gamma`` = γ and ``gsnr_momentum`` = β₃ (defaults from the rule table) and
-    ``gsnr_fused``, the transform's ``fused`` (default: ``fused``, so ``fused=True``
-    fuses both); Keras arguments (``clipnorm``, ...) act on ḡ. s, the mean of squared
-    gradient samples (SPEC §1), comes from ``DistributedOptimizer``,
-    ``DistributedGradientTape`` or ``set_grad_sq`` before ``apply``.
+    ``gsnr_fused``, the transform's ``fused`` (default None: True with ``fused=True``, so
+    that it fuses both, else ``GSNR``'s auto); Keras arguments (``clipnorm``, ...) act
+    on ḡ. s, the mean of squared gradient samples (SPEC §1), comes from
+    ``DistributedOptimizer``, ``DistributedGradientTape`` or ``set_grad_sq`` before ``apply``.
     """
 
     rule_name: str = ""
@@ -241,7 +241,9 @@ class _NamedGSNR(GSNR):
                  name=None, **kwargs):
         rule = rules.get_rule(self.rule_name)
         rules.check_bool("fused", fused)
-        gsnr_fused = rules.check_bool("gsnr_fused", fused if gsnr_fused is None else gsnr_fused)
+        gsnr_fused = rules.check_bool("gsnr_fused", gsnr_fused, allow_none=True)
+        if gsnr_fused is None and fused:
+            gsnr_fused = True
         hp, lr_value, base_args = _arguments(rule, learning_rate, kwargs)
         base = rules.get_rule(rule.base)
         inner = OPTIMIZERS[base.name](lr_value, exclude=exclude, include=include, fused=fused,
