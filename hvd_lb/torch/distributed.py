@@ -116,7 +116,8 @@ class _DistributedGSNR(GSNR):
         self._absent = set()  # parameters sent as zeros this step (no gradient on this rank)
         self._handles = {}   # p → (kind, handle(s), compression ctx)
         self._stats = {}     # p → s after synchronize()
-        self._gnorm = {}     # p → ‖ḡ‖ after synchronize(), to follow later rescaling
+        self._gnorm = {}     # p → ‖ḡ‖ after a user's synchronize(), to follow later rescaling
+        self._in_step = False  # step() is synchronizing: no rescaling can follow, no norms
         self._requires_update = set()
         self._hooks = []
         self._synchronized = False
@@ -313,10 +314,12 @@ class _DistributedGSNR(GSNR):
         for p in self._delay:
             self._delay[p] = self.micro_batches
         self._stat_count += 1
-        synced = [p for p in self._handles if p.grad is not None and p in self._stats]
-        # One foreach pass in float32 (float64 only on overflow): a float64 norm would copy
-        # every gradient to float64.
-        self._gnorm.update(zip(synced, norms([p.grad for p in synced])))
+        if not self._in_step:
+            # A user's synchronize(): p.grad may be rescaled before step() (clipping,
+            # GradScaler), and s must follow. One foreach pass in float32 (float64 only on
+            # overflow): a float64 norm would copy every gradient to float64.
+            synced = [p for p in self._handles if p.grad is not None and p in self._stats]
+            self._gnorm.update(zip(synced, norms([p.grad for p in synced])))
         self._handles.clear()
         self._synchronized = True
         if nobody:
@@ -388,7 +391,11 @@ class _DistributedGSNR(GSNR):
         """
         # Horovod reduces again after a synchronize() (the mean of equal values); s of the first
         # reduction stands, so this wrapper does not.
-        loss = _closure_and_synchronize(self, closure, again=False)
+        self._in_step = True
+        try:
+            loss = _closure_and_synchronize(self, closure, again=False)
+        finally:
+            self._in_step = False
         sq, rescaled = {}, []
         reuse = self.gsnr_interval > 1
         for group in self.param_groups:
@@ -398,13 +405,14 @@ class _DistributedGSNR(GSNR):
                 if s is None and reuse and p.grad is not None and p in self._kept:
                     sq[p] = self._kept[p]  # as the statistics step used it (SPEC §1)
                     continue
-                # Clipping or unscaling since synchronize() changed ‖p.grad‖ (GradScaler's
-                # in-place unscale leaves no version count to tell by).
                 if s is not None and p.grad is not None:
                     rescaled.append((s, p, n0))
                     sq[p] = s
-        follow_rescale([s for s, _, _ in rescaled], norms([p.grad for _, p, _ in rescaled]),
-                       [n0 for _, _, n0 in rescaled])
+        # Clipping or unscaling between a user's synchronize() and this step changed ‖p.grad‖
+        # (GradScaler's in-place unscale leaves no version count to tell by). n0 is None where
+        # this step synchronized itself: nothing ran in between, and no norm is taken.
+        follow = [(s, p, n0) for s, p, n0 in rescaled if n0 is not None]
+        follow_rescale([s for s, _, _ in follow], norms([p.grad for _, p, _ in follow]), [n0 for _, _, n0 in follow])
         if self.skip_nonfinite and _skip(self, list(sq.values())):
             return loss  # the kept s stays that of the last finite statistics step
         if reuse and rescaled and (self.skip_nonfinite or _finite(self, [s for s, _, _ in rescaled])):
