@@ -35,15 +35,24 @@ def gsnr_ratio(B, mean, sq, gamma, eps_w):
     ``eps_w`` = ``variance_floor(...)`` of the working dtype. Returns
     ``(r, mean_gsnr, clipped_fraction)``; r = 1 for an all-zero gradient.
     """
+    r_tilde, mu = gsnr_relative(B, mean, sq, eps_w)
+    return B.clip(r_tilde, gamma, 1.0), mu, clipped_fraction(B, r_tilde, gamma)
+
+
+def gsnr_relative(B, mean, sq, eps_w):
+    """(r̃, μ_r): r̃ = r_raw/μ_r (1 where μ_r = 0), μ_r = mean(r_raw), r_raw as in ``gsnr_ratio``."""
     g2 = B.square(mean)
     var = B.maximum(sq - g2, eps_w * sq)
     delta = DELTA_REL * B.mean(var) + DELTA_ABS
     r_raw = g2 / (var + delta)
     mu = B.mean(r_raw)
     zero = mu == 0
-    r_tilde = B.where(zero, B.ones_like(r_raw), r_raw / B.where(zero, B.ones_like(mu), mu))
-    clipped = B.mean(B.cast_like(r_tilde < gamma, r_tilde))
-    return B.clip(r_tilde, gamma, 1.0), mu, clipped
+    return B.where(zero, B.ones_like(r_raw), r_raw / B.where(zero, B.ones_like(mu), mu)), mu
+
+
+def clipped_fraction(B, r_tilde, gamma):
+    """The share of elements whose r̃ is raised to γ (a diagnostic)."""
+    return B.mean(B.cast_like(r_tilde < gamma, r_tilde))
 
 
 def gsnr_scale(B, grad, r, avg, gsnr_momentum, step):

@@ -1,5 +1,6 @@
 """hvd_lb.torch.DistributedOptimizer under real horovodrun (SPEC §1, §6) and Horovod compatibility."""
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
@@ -228,3 +229,46 @@ def test_skip_nonfinite_skips_together(compat, name):
     assert _same_on_ranks(compat, f"skip/{name}/count") == 1
     assert compat[0][f"skip/{name}/warnings"] == 1
     assert_params(params, reference_run(name, skip={3}).params, 1e-10, name)
+
+
+def test_statistics_follow_clipping_inside_a_closure():
+    """``step(closure)`` whose closure synchronizes and clips: s follows the clipping as it does
+    outside the closure (with ``skip_synchronize()``); only step()'s own synchronize takes no norms."""
+    hvd = pytest.importorskip("horovod.torch")
+    import hvd_lb.torch as lbt
+    hvd.init()
+
+    def squares(inside):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 3)
+        opt = lbt.DistributedOptimizer(lbt.create("vr-momentum", m, lr=0.1), named_parameters=m.named_parameters(),
+                                       micro_batches=2)
+        seen, step = {}, opt._gsnr_step
+
+        def spy():
+            seen.update({n: opt._gsnr_sq[p].clone() for n, p in m.named_parameters()})
+            step()
+        opt._gsnr_step = spy
+        x = torch.randn(8, 4)
+
+        def closure():
+            opt.zero_grad()
+            for c in x.chunk(2):
+                m(c).pow(2).sum().mul(100).backward()
+            opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.01)
+            return 0
+        with warnings.catch_warnings():   # k = 2; step() after the closure's synchronize()
+            warnings.simplefilter("ignore", UserWarning)
+            if inside:
+                opt.step(closure)
+            else:
+                closure()
+                with opt.skip_synchronize():
+                    opt.step()
+        return seen
+
+    inside, outside = squares(True), squares(False)
+    for name in outside:
+        torch.testing.assert_close(inside[name], outside[name], rtol=1e-12, atol=0)
+    assert float(outside["weight"].sum()) < 1e-3   # clipped: s scaled with ḡ

@@ -391,11 +391,7 @@ class _DistributedGSNR(GSNR):
         """
         # Horovod reduces again after a synchronize() (the mean of equal values); s of the first
         # reduction stands, so this wrapper does not.
-        self._in_step = True
-        try:
-            loss = _closure_and_synchronize(self, closure, again=False)
-        finally:
-            self._in_step = False
+        loss = _closure_and_synchronize(self, closure, again=False, in_step=True)
         sq, rescaled = {}, []
         reuse = self.gsnr_interval > 1
         for group in self.param_groups:
@@ -490,16 +486,24 @@ def _skip(opt, extra=()) -> bool:
     return True
 
 
-def _closure_and_synchronize(opt, closure, again: bool):
+def _closure_and_synchronize(opt, closure, again: bool, in_step: bool = False):
     """The start of a wrapper's step: the closure (its backward feeds the all-reduce), then
-    ``synchronize()`` unless skipped or, where not ``again``, already done. Returns the loss."""
+    ``synchronize()`` unless skipped or, where not ``again``, already done. Returns the loss.
+
+    ``in_step``: that synchronize is marked as the step's own (``_in_step``), not one the
+    closure or the user made, after which ḡ may be rescaled before the step.
+    """
     loss = run_closure(closure)
     if opt._should_synchronize:
         if opt._synchronized:
             warnings.warn("optimizer.step() called without optimizer.skip_synchronize() after "
                           "optimizer.synchronize(). This can cause training slowdown.")
         if again or not opt._synchronized:
-            opt.synchronize()
+            opt._in_step = in_step
+            try:
+                opt.synchronize()
+            finally:
+                opt._in_step = False
     opt._synchronized = False
     return loss
 
