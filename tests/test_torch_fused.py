@@ -81,6 +81,7 @@ def test_auto_is_foreach_without_a_compiler_or_inside_an_outer_compile(monkeypat
         assert _ops.compiler_present("cpu") is False
         assert gsnr._use_fused(group, torch.device("cpu")) is False
         assert _ops.compiler_present("meta") is False
+        assert _ops.compiler_present("cuda") is False   # Triton: only with gsnr_fused=True (untested here)
     finally:
         _ops.compiler_present.cache_clear()
 
@@ -107,7 +108,7 @@ def test_auto_that_cannot_compile_warns_once_and_runs_the_formulas(monkeypatch):
     monkeypatch.setattr(gsnr, "compiler_present", lambda device: True)
     hp = hparams("vr-adam", "custom")
     ref, _ = _run("vr-adam", hp, torch.float64, foreach=False)
-    with pytest.warns(RuntimeWarning, match="did not compile on cpu .*CppCompileError") as caught:
+    with pytest.warns(RuntimeWarning, match="not compiled .*CppCompileError.* cpu for the rest") as caught:
         out, _ = _run("vr-adam", hp, torch.float64)
     assert len([w for w in caught if "gsnr_fused" in str(w.message)]) == 1
     assert gsnr._AUTO_OFF == {"cpu": "RuntimeError: CppCompileError: no working compiler"}
@@ -128,8 +129,11 @@ def test_auto_past_the_hyperparameter_limit_runs_the_formulas_for_that_set(monke
         out, _ = _run("vr-momentum", hp, torch.float64)
     for p, q in zip(ref, out):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-12)
-    assert set(gsnr._AUTO_OFF) == {"limit"}
-    assert gsnr._use_fused({"gsnr_fused": None, "foreach": None}, torch.device("cpu")) is _ops.compiler_present("cpu")
+    refused = (0.4321, hp.get("gsnr_momentum", 0.0))
+    assert set(gsnr._AUTO_OFF) == {refused}   # that set only, and straight to foreach from now on
+    group = {"gsnr_fused": None, "foreach": None, "gamma": refused[0], "gsnr_momentum": refused[1]}
+    assert gsnr._use_fused(group, torch.device("cpu")) is False
+    assert gsnr._use_fused({**group, "gamma": 0.1}, torch.device("cpu")) is _ops.compiler_present("cpu")
 
 
 @pytest.mark.parametrize("kwargs,needle", [

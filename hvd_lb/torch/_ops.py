@@ -141,7 +141,7 @@ def specialized_floats():
         try:
             yield
         except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-            raise RuntimeError(f"fused=True: a kernel needed more than {torch._dynamo.config.recompile_limit} "
+            raise RuntimeError(f"torch.compile'd kernel: a kernel needed more than {torch._dynamo.config.recompile_limit} "
                                "compiled graphs (one per dtype, device and rank of non-contiguous "
                                "inputs); use fused=False (foreach) for these parameters") from e
 
@@ -162,7 +162,7 @@ def compile_kernel(fn, key=()):
     if key not in keys:
         if len(keys) >= KEYS_PER_KERNEL:
             raise KernelLimit(
-                f"fused=True: {fn.__name__} would compile for a {len(keys) + 1}th set of hyperparameters "
+                f"torch.compile'd kernel: {fn.__name__} would compile for a {len(keys) + 1}th set of hyperparameters "
                 f"{key}: each value of a hyperparameter other than lr is a compiled kernel, so one that "
                 "changes every step (e.g. OneCycleLR's cycle_momentum) recompiles every step; use "
                 "fused=False, or schedule lr only")
@@ -188,20 +188,16 @@ def _compile_copy(fn, key=()):
 
 @functools.lru_cache(maxsize=None)
 def compiler_present(device_type: str) -> bool:
-    """Whether ``torch.compile`` can build kernels for ``device_type`` here: Inductor's C++
-    compiler on CPU, Triton on CUDA; no other device. Decides ``gsnr_fused=None`` (auto)."""
-    if not torch._dynamo.is_dynamo_supported():
+    """Whether ``gsnr_fused=None`` (auto) compiles on ``device_type``: CPU, with Inductor's C++
+    compiler found. CUDA (Triton) stays on foreach unless ``gsnr_fused=True``: the tests that
+    hold the kernel equal to the formulas have run on CPU only (no GPU was lent)."""
+    if device_type != "cpu" or not torch._dynamo.is_dynamo_supported():
         return False
-    if device_type == "cpu":
-        from torch._inductor import cpp_builder
-        try:
-            return shutil.which(cpp_builder.get_cpp_compiler()) is not None
-        except Exception:  # no compiler found: Inductor raises while looking
-            return False
-    if device_type == "cuda":
-        from torch.utils._triton import has_triton
-        return has_triton()
-    return False
+    from torch._inductor import cpp_builder
+    try:
+        return shutil.which(cpp_builder.get_cpp_compiler()) is not None
+    except Exception:  # no compiler found: Inductor raises while looking
+        return False
 
 
 def run_closure(closure):

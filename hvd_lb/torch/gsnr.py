@@ -85,16 +85,18 @@ class GSNR(torch.optim.Optimizer):
         named_parameters: ``model.named_parameters()``, for ``exclude`` and diagnostics.
         fused: compute r and ĝ per tensor in one ``torch.compile``d kernel (``True``), with
             the foreach/per-tensor paths chosen by the group's ``foreach`` flag (``False``), or
-            ``None`` (default): compiled where a compiler is present (``_ops.compiler_present``:
-            a C++ compiler on CPU, Triton on CUDA), the group's ``foreach`` is None and the step
-            is not itself being compiled (Dynamo then fuses the foreach path), else foreach.
-            The kernel reads ḡ and s 3–4 times against ~20 passes of foreach: 2.1–2.8× faster
-            on CPU (``bench/gsnr_fused.py``); one graph per dtype for every tensor size (0-d
-            and 1-element included); the first step compiles it (~3 s with Inductor's disk
-            cache warm, ~12 s cold). Where auto cannot compile (a broken compiler, the
-            recompile or hyperparameter limits of ``_ops``), it warns once and runs foreach;
-            ``True`` raises instead. Named ``vr-*`` classes take ``gsnr_fused`` (default:
-            their ``fused`` where given, else auto).
+            ``None`` (default): compiled on CPU where Inductor's C++ compiler is present
+            (``_ops.compiler_present``), the group's ``foreach`` is None and the step is not
+            itself being compiled (Dynamo then fuses the foreach path), else foreach; CUDA
+            stays on foreach unless ``True`` (the kernel's equality tests ran on CPU only).
+            The kernel makes three passes over ḡ and s against ~20 of foreach: 2.7–2.8×
+            faster on CPU (``bench/gsnr_fused.py``); one graph per dtype for every tensor size
+            (0-d and 1-element included) and layout (``channels_last``); the first step
+            compiles it (~3 s with Inductor's disk cache warm, ~12 s cold). Where auto cannot
+            compile (a broken compiler, the recompile or hyperparameter limits of ``_ops``),
+            it warns once and runs foreach (for a refused γ, β₃: that set only); ``True``
+            raises instead. Named ``vr-*`` classes take ``gsnr_fused`` (default: their
+            ``fused`` where given, else auto).
 
     Use it in place of ``optimizer``, inside ``hvd_lb.torch.DistributedOptimizer`` (which
     gives it s), with ``state_dict``/``load_state_dict``, LR schedulers, hooks and
@@ -365,7 +367,7 @@ def _gsnr(group, ps, ss, states, owned, floor=None):
     return out, avgs, steps, mus, clipped
 
 
-_AUTO_OFF: Dict[str, str] = {}  # device type (or "limit") → why auto (gsnr_fused=None) gave up
+_AUTO_OFF: Dict = {}  # device type, or a refused (γ, β₃) → why auto (gsnr_fused=None) gave up
 
 
 def _use_fused(group, device) -> bool:
@@ -375,7 +377,8 @@ def _use_fused(group, device) -> bool:
     if choice is not None:
         return choice
     return (group.get("foreach") is None and not torch.compiler.is_compiling()
-            and device.type not in _AUTO_OFF and compiler_present(device.type))
+            and device.type not in _AUTO_OFF and (group["gamma"], group["gsnr_momentum"]) not in _AUTO_OFF
+            and compiler_present(device.type))
 
 
 def _gsnr_fused(group, wide, ss, avgs, keys, steps, eps_w):
@@ -394,7 +397,7 @@ def _gsnr_fused(group, wide, ss, avgs, keys, steps, eps_w):
     except Exception as err:  # compiler and Dynamo errors have no common base class
         if group["gsnr_fused"] is not None:
             raise
-        _give_up(wide[0].device.type, err)
+        _give_up(wide[0].device.type, (gamma, b3), err)
         for g, s, avg, o, t, e in todo[len(res):]:
             g_hat, p_t, mu, c = _gsnr_one(g, s, avg, t, gamma, b3, e)
             avg.copy_(p_t)
@@ -403,20 +406,22 @@ def _gsnr_fused(group, wide, ss, avgs, keys, steps, eps_w):
     return out, torch.stack([r[0] for r in res]), torch.stack([r[1] for r in res])
 
 
-def _give_up(device: str, err: Exception) -> None:
-    """Auto could not compile: warn once. A refused hyperparameter set (``KernelLimit``) falls
-    back for that set only; any other failure turns auto off on ``device`` for the process."""
+def _give_up(device: str, key, err: Exception) -> None:
+    """Auto could not compile: warn once, then foreach. A refused hyperparameter set
+    (``KernelLimit``, ``key`` = (γ, β₃)) is given up alone; any other failure on ``device``
+    for the rest of the process."""
     why = f"{type(err).__name__}: {err}".splitlines()[0]
+    first = not _AUTO_OFF
     if isinstance(err, KernelLimit):
-        if "limit" not in _AUTO_OFF:
-            _AUTO_OFF["limit"] = why
-            warnings.warn(f"gsnr_fused=None (auto): {why}; such groups run the per-tensor formulas",
-                          RuntimeWarning, stacklevel=5)
-    elif device not in _AUTO_OFF:
+        _AUTO_OFF[key] = why
+        what = f"γ, β₃ = {key}"
+    else:
         _AUTO_OFF[device] = why
-        warnings.warn(f"gsnr_fused=None (auto): the GSNR kernel did not compile on {device} ({why}); "
-                      "the foreach path runs instead for the rest of this process. Pass "
-                      "gsnr_fused=False to choose it, True to see the error", RuntimeWarning, stacklevel=5)
+        what = f"{device} for the rest of this process"
+    if first:
+        warnings.warn(f"gsnr_fused=None (auto): the GSNR kernel was not compiled ({why}); the foreach path "
+                      f"runs instead for {what}. Pass gsnr_fused=False to choose it, True to see the error",
+                      RuntimeWarning, stacklevel=5)
 
 
 def _as_complex_like(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -79,7 +79,6 @@ def per_tensor(one: Callable, slots, consts: Callable):
         fn = compile_kernel(one, tuple(sorted(kw.items())))
         with specialized_floats():
             for p, g, st in zip(ps, gs, states):
-                # p itself, not p.detach(): views of a detached tensor are another graph input.
                 fn(*flat(p, g, *[st[k] for k in slots]), graph_scalar(st["step"], p.device, ts),
                    graph_scalar(group["lr"], p.device, lrs), **kw)
 
