@@ -9,6 +9,7 @@ import shutil
 import types
 
 import torch
+import torch._inductor.config
 import torch.fx.experimental._config
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -135,9 +136,14 @@ def specialized_floats():
       tensor, flattened) into graphs of their own; oblivious, one graph serves every size.
     * ``fail_on_recompile_limit_hit``: past the recompile limit (8 graphs per code object)
       Dynamo would run the kernel eagerly for the rest of the process, silently; it raises.
+    * ``compile_threads=1``: each kernel is one small C++ file, compiled in this process.
+      Inductor's pool of compile subprocesses costs seconds to start in every rank, and a
+      DDP rank once died under it (SIGABRT, "terminate called without an active exception",
+      cold cache, 2 busy cores; not reproduced in 6 more runs).
     """
     with torch._dynamo.config.patch(specialize_float=True, fail_on_recompile_limit_hit=True), \
-            torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            torch.fx.experimental._config.patch(backed_size_oblivious=True), \
+            torch._inductor.config.patch(compile_threads=1):
         try:
             yield
         except torch._dynamo.exc.FailOnRecompileLimitHit as e:
