@@ -14,7 +14,8 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["horovod-sgd", "momentum", "vr-momentum", "vr-momentum-M2", "vr-momentum-bf16", "gsnr-adamw"]
+CONFIGS = ["horovod-sgd", "momentum", "vr-momentum", "vr-momentum-foreach", "vr-momentum-M2", "vr-momentum-bf16",
+           "gsnr-adamw"]
 
 
 def worker(config, numel, out):
@@ -34,8 +35,9 @@ def worker(config, numel, out):
     elif config == "gsnr-adamw":
         opt = hvd.DistributedOptimizer(hvd.GSNR(torch.optim.AdamW([w], lr=0.01)), named_parameters=[("w", w)])
     else:
-        name = config.replace("-M2", "").replace("-bf16", "")
-        opt = hvd.DistributedOptimizer(hvd.create(name, [w], lr=0.01), named_parameters=[("w", w)],
+        name = config.replace("-M2", "").replace("-bf16", "").replace("-foreach", "")
+        flags = {"fused": False} if config.endswith("-foreach") else {}   # default: GSNR compiled (CPU)
+        opt = hvd.DistributedOptimizer(hvd.create(name, [w], lr=0.01, **flags), named_parameters=[("w", w)],
                                        micro_batches=M, square_dtype="bfloat16" if "bf16" in config else None)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gen = torch.Generator().manual_seed(hvd.rank())
