@@ -89,7 +89,7 @@ class GSNR(torch.optim.Optimizer):
             (``_ops.compiler_present``), the group's ``foreach`` is None and the step is not
             itself being compiled (Dynamo then fuses the foreach path), else foreach; CUDA
             stays on foreach unless ``True`` (the kernel's equality tests ran on CPU only).
-            The kernel makes three passes over ḡ and s against ~20 of foreach: 2.7–2.8×
+            The kernel makes three passes over ḡ and s against ~20 of foreach: 2.8–3.4×
             faster on CPU (``bench/gsnr_fused.py``); one graph per dtype for every tensor size
             (0-d and 1-element included) and layout (``channels_last``); the first step
             compiles it (~3 s with Inductor's disk cache warm, ~12 s cold). Where auto cannot
