@@ -349,13 +349,17 @@ def square_wire_dtype(square_dtype: Optional[str], workers: int) -> Optional[str
 
 
 def agreement_settings(gsnr: bool, optimizer, micro_batches: int, square_dtype, skip_nonfinite: bool, op,
-                       predivide: float, gsnr_interval: int = 1, **backend) -> Dict[str, Any]:
+                       predivide: float, gsnr_interval: int = 1, gsnr_compiled=None, **backend) -> Dict[str, Any]:
     """What every rank's DistributedOptimizer must agree on (JSON values), both backends;
-    ``backend``: what only one backend has (its tensors, Keras's averaging flag)."""
+    ``gsnr_compiled``: whether the GSNR maths runs compiled (per param group on torch), as
+    resolved on this rank: the compiled and plain paths differ by float32 rounding, so ranks
+    on different paths would drift apart silently. ``backend``: what only one backend has
+    (its tensors, Keras's averaging flag)."""
     rule = getattr(optimizer, "rule_name", "") or type(optimizer).__module__
     return {"GSNR": gsnr, "optimizer": f"{type(optimizer).__name__} ({rule})", "micro_batches": micro_batches,
             "square_dtype": square_dtype, "skip_nonfinite": skip_nonfinite, "op": HOROVOD_OPS.get(op, str(op)),
-            "gradient_predivide_factor": float(predivide), "gsnr_interval": gsnr_interval, **backend}
+            "gradient_predivide_factor": float(predivide), "gsnr_interval": gsnr_interval,
+            "GSNR maths compiled": gsnr_compiled, **backend}
 
 
 def disagreement(every, ranks, what: str) -> Optional[str]:

@@ -11,11 +11,13 @@ EXPECT = {
               "name_prefix": "#0: rank 0: ['0.weight', [3, 4], 'float32', True]; rank 1: ['module.0.weight'",
               "frozen": "rank 1: ['1.bias', [2], 'float32', False]",
               "micro_batches": "micro_batches (rank 0: 2; rank 1: 4)",
-              "square_dtype": "square_dtype (rank 0: None; rank 1: float64)"},
+              "square_dtype": "square_dtype (rank 0: None; rank 1: float64)",
+              "gsnr_fused": "GSNR maths compiled (rank 0: [True]; rank 1: [False])"},
     "tf": {"gsnr_on_one_rank": "GSNR (rank 0: True; rank 1: False)",
            "frozen": "variables (shape, dtype, trainable) (#2: rank 0: [[3, 2], 'float32', True]; rank 1: (only 2))",
            "micro_batches": "micro_batches (rank 0: 2; rank 1: 4)",
-           "rule": "optimizer (rank 0: VRLARS (vr-lars); rank 1: VRLAMB (vr-lamb))"},
+           "rule": "optimizer (rank 0: VRLARS (vr-lars); rank 1: VRLAMB (vr-lamb))",
+           "gsnr_fused": "GSNR maths compiled (rank 0: True; rank 1: False)"},
 }
 pytestmark = pytest.mark.multiprocess
 

@@ -27,7 +27,7 @@ import tensorflow as tf
 from .. import rules, squares16
 from . import _squares16
 from ._ops import stat_dtype, state_variables, variable_path, work_dtype
-from .gsnr import GSNR, _densify, inner_learning_rate, set_all_weights
+from .gsnr import GSNR, _densify, inner_learning_rate, resolve_fused, set_all_weights
 
 _COMPRESSIONS = ("none", "fp16")
 AVERAGE, SUM = 0, 1  # hvd.Average, hvd.Sum (the same integers in every Horovod framework)
@@ -360,7 +360,9 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             return
         settings = rules.agreement_settings(
             self.needs_squares, self.inner_optimizer, self.micro_batches, self.square_dtype, self.skip_nonfinite,
-            self.op, self.gradient_predivide_factor, self.gsnr_interval, average_aggregated_gradients=self.average_aggregated_gradients,
+            self.op, self.gradient_predivide_factor, self.gsnr_interval,
+            resolve_fused(_vr_target(self.inner_optimizer).fused) if self.needs_squares else None,
+            average_aggregated_gradients=self.average_aggregated_gradients,
             # Not the paths: Keras numbers layers per process, and the collectives are named by shape.
             **{"variables (shape, dtype, trainable)": [
                 [list(v.shape), tf.as_dtype(v.dtype).name, bool(v.trainable)] for v in var_list]})

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import rules, squares16
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
-from .gsnr import GSNR
+from .gsnr import GSNR, compiled_paths
 
 
 class DDPStatistics:
@@ -348,7 +348,8 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
         # Ranks that disagree would reduce different buckets (float16 beside ḡ or not, s or
         # not on a step) and hang: one small all-gather now, the same error on every rank.
         mine = {"optimizer": f"{type(optimizer).__name__} ({getattr(optimizer, 'rule_name', '')})",
-                "micro_batches": micro_batches, "square_dtype": square_dtype, "gsnr_interval": gsnr_interval}
+                "micro_batches": micro_batches, "square_dtype": square_dtype, "gsnr_interval": gsnr_interval,
+                "GSNR maths compiled": compiled_paths(optimizer)}
         every = [None] * workers
         dist.all_gather_object(every, mine, group=group)
         ranks = dist.get_process_group_ranks(group) if hasattr(dist, "get_process_group_ranks") \

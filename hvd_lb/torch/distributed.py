@@ -27,7 +27,7 @@ import torch
 from .. import rules, squares16
 from ._ops import real_view, run_closure
 from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
-from .gsnr import GSNR, unhooked_step
+from .gsnr import GSNR, compiled_paths, unhooked_step
 
 try:
     import horovod.torch as hvd
@@ -729,6 +729,7 @@ def _settings(optimizer, names, config, square_dtype) -> dict:
     out = rules.agreement_settings(
         gsnr, optimizer.optimizer if gsnr else optimizer, config["micro_batches"], square_dtype,
         config["skip_nonfinite"], config["op"], config["gradient_predivide_factor"], config["gsnr_interval"],
+        compiled_paths(optimizer) if gsnr else None,
         **{"tensors (name, shape, dtype, requires_grad)": [
             [names.get(p, f"param_groups.{i}.{j}"), list(p.shape), str(p.dtype).replace("torch.", ""), p.requires_grad]
             for i, g in enumerate(groups) for j, p in enumerate(g["params"])]})

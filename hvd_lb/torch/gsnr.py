@@ -381,6 +381,11 @@ def _use_fused(group, device) -> bool:
             and compiler_present(device.type))
 
 
+def compiled_paths(opt: GSNR) -> List[bool]:
+    """Per param group, whether this rank's GSNR maths will run compiled (``_use_fused``)."""
+    return [_use_fused(g, g["params"][0].device if g["params"] else torch.device("cpu")) for g in opt.param_groups]
+
+
 def _gsnr_fused(group, wide, ss, avgs, keys, steps, eps_w):
     """The compiled path of ``_gsnr``: (ĝ list, μ_r, clipped). Nothing allocated per step: p_t
     goes into the state's buffer (its working-dtype copy where the state is narrower), ĝ into
@@ -510,6 +515,7 @@ def vr_class(base: type, rule: rules.Rule) -> type:
 
     def __init__(self, params, lr=None, *, gamma=defaults["gamma"],
                  gsnr_momentum=defaults["gsnr_momentum"], gsnr_fused=None, **hparams):
+        rules.check_bool("gsnr_fused", gsnr_fused, allow_none=True)
         if gsnr_fused is None:
             gsnr_fused = hparams.get("fused")  # None: auto
         try:
@@ -526,4 +532,4 @@ def vr_class(base: type, rule: rules.Rule) -> type:
         "rule": property(lambda self: rules.get_rule(self.rule_name), doc="the rule table's entry")})
 
 
-__all__ = ["GSNR", "GSNRTransform", "param_name", "unhooked_step", "vr_class"]
+__all__ = ["GSNR", "GSNRTransform", "compiled_paths", "param_name", "unhooked_step", "vr_class"]

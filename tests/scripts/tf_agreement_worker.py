@@ -2,7 +2,7 @@
 
 ``horovodrun -np 2 python tf_agreement_worker.py OUT_DIR``: each case compiles a model whose
 optimizer differs on rank 1 (GSNR on rank 0 only, a frozen layer without the broadcast
-callback, another micro_batches, another rule) and fits it; ``same`` builds identical ones.
+callback, another micro_batches, another rule, another GSNR path) and fits it; ``same`` builds identical ones.
 Records the error and the seconds until it. Writes OUT_DIR/rank{r}.json.
 """
 import json
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 import numpy as np  # noqa: E402
 import keras  # noqa: E402
 
-CASES = ["gsnr_on_one_rank", "frozen", "micro_batches", "rule", "same"]
+CASES = ["gsnr_on_one_rank", "frozen", "micro_batches", "rule", "gsnr_fused", "same"]
 
 
 def case(lb, rank, name):
@@ -30,6 +30,8 @@ def case(lb, rank, name):
         opt = lb.GSNR(opt)
     if name == "rule":
         opt = lb.create("vr-lamb" if other else "vr-lars")
+    if name == "gsnr_fused":   # XLA GSNR maths on rank 0, plain ops on rank 1: float32 drift
+        opt = lb.GSNR(opt, fused=not other)
     M = 4 if name == "micro_batches" and other else 2
     model.compile(optimizer=lb.DistributedOptimizer(opt, backward_passes_per_step=M), loss="mse")
     start = time.perf_counter()

@@ -2,7 +2,8 @@
 
 ``horovodrun -np 2 python torch_agreement_worker.py OUT_DIR``: each case builds a model and a
 DistributedOptimizer that differs on rank 1 (GSNR on rank 0 only, another rule, a ``module.``
-name prefix, a frozen parameter, another micro_batches, another square_dtype) and records the
+name prefix, a frozen parameter, another micro_batches, another square_dtype, another GSNR
+path) and records the
 error and how long it took; ``same`` builds identical ones and steps. Writes OUT_DIR/rank{r}.json.
 """
 import json
@@ -14,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
-CASES = ["gsnr_on_one_rank", "rule", "name_prefix", "frozen", "micro_batches", "square_dtype", "same"]
+CASES = ["gsnr_on_one_rank", "rule", "name_prefix", "frozen", "micro_batches", "square_dtype", "gsnr_fused", "same"]
 
 
 def case(lbt, rank, name):
@@ -32,6 +33,8 @@ def case(lbt, rank, name):
     if name == "rule":
         opt = lbt.create("vr-lamb" if other else "vr-lars", model)
     kw = {"micro_batches": 4 if name == "micro_batches" and other else 2}
+    if name == "gsnr_fused":   # compiled GSNR maths on rank 0, foreach on rank 1: float32 drift
+        opt = lbt.GSNR(opt, fused=False if other else True)
     if name == "square_dtype":
         opt = lbt.GSNR(opt)
         kw["square_dtype"] = "float64" if other else None
