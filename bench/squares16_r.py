@@ -64,13 +64,9 @@ def state(r_tilde):
 
 
 def r_of(mean, s, eps):
-    """r and r̃ of one tensor (formulas.gsnr_ratio; r̃ recomputed for the clip state)."""
-    r, mu, _ = formulas.gsnr_ratio(T, mean, s, GAMMA, eps)
-    g2 = mean * mean
-    var = torch.maximum(s - g2, eps * s)
-    raw = g2 / (var + formulas.DELTA_REL * var.mean() + formulas.DELTA_ABS)
-    rt = raw / mu if float(mu) > 0 else torch.ones_like(raw)
-    return r.numpy(), rt.numpy()
+    """r and r̃ of one tensor (formulas.gsnr_relative: r̃ for the clip state, r = clip(r̃, γ, 1))."""
+    rt, _ = formulas.gsnr_relative(T, mean, s, eps)
+    return T.clip(rt, GAMMA, 1.0).numpy(), rt.numpy()
 
 
 def compare(xs, W, M, drift):

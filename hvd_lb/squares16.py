@@ -26,8 +26,6 @@ F16_TINY = 2.0 ** -14
 WIRE_PEAK_LOG2 = 13
 # 2^e stays a normal float32 with room either side.
 MIN_EXPONENT, MAX_EXPONENT = -120, 120
-# unit roundoff of float16
-U16 = 2.0 ** -11
 
 
 def variance_floor(workers: int) -> float:
@@ -64,7 +62,10 @@ def next_exponent(max_s: float, workers: int, predivide: float = 1.0,
         return previous
     if max_s == 0:
         return 0 if previous is None else previous
-    e = math.frexp(peak_ratio(max_s, workers, predivide))[1] - 1  # ⌊log₂ y⌋, exact in float64
+    y = peak_ratio(max_s, workers, predivide)
+    if math.isinf(y):  # a peak below ~1e-305 (float64 s): the largest scale, as TF's bit shifts give
+        return MAX_EXPONENT
+    e = math.frexp(y)[1] - 1  # ⌊log₂ y⌋, exact in float64
     return max(MIN_EXPONENT, min(MAX_EXPONENT, e))
 
 

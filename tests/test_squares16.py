@@ -36,6 +36,18 @@ def test_exponent_puts_the_wire_peak_below_float16_max(W):
     assert squares16.next_exponent(math.inf, W, previous=3) == 3
 
 
+def test_tf_exponents_equal_the_core_rule_at_the_edges():
+    """The in-graph twin (float64 bit shifts) and the core rule (frexp): the same e, down to a
+    peak whose ratio overflows float64 (subnormal peaks left out: TF flushes them to zero)."""
+    tf = pytest.importorskip("tensorflow")
+    from hvd_lb.tf import _squares16
+    peaks = [1e-306, 1e-300, 3e-9, 1.0, 9e4, 1e30]
+    for W, f in ((1, 1.0), (2, 1.0), (768, 3.0)):
+        got = _squares16._next_exponents(tf.constant(peaks, tf.float64), tf.zeros(len(peaks), tf.float32),
+                                         tf.constant(True), W, f).numpy().tolist()
+        assert got == [squares16.next_exponent(m, W, f) for m in peaks], (W, f, got)
+
+
 def test_redo_rule():
     assert squares16.needs_redo(math.inf, True) and squares16.needs_redo(math.nan, False)
     assert squares16.needs_redo(2.0 ** -15, False) and not squares16.needs_redo(2.0 ** -14, False)

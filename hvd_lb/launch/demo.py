@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Dict, List
 
-from .. import rules
+from .. import rules, squares16
 from ..schedules import scaled_lr
 from . import options
 from .demo_common import MODELS
@@ -192,7 +192,7 @@ def parse_config(args) -> Dict:
     preset = PRESETS[args.preset]
     pick = lambda v, key: preset[key] if v is None else v  # noqa: E731
     rows = parse_rows(pick(args.optimizers, "optimizers"))
-    arch = pick(getattr(args, "model", None), "model")
+    arch = pick(args.model, "model")
     epochs = options.integer("--epochs", pick(args.epochs, "epochs"))
     workers = options.integer("--workers", args.workers)
     batch = options.integer("--batch-size", args.batch_size)
@@ -236,8 +236,8 @@ def parse_config(args) -> Dict:
     if not warmup < epochs:
         raise ValueError(f"invalid --warmup-epochs {warmup:g}: must be in [0, --epochs={epochs})")
     weight_decay = options.number("--weight-decay", args.weight_decay)
-    square_dtype = getattr(args, "square_dtype", None)
-    interval = options.integer("--gsnr-interval", getattr(args, "gsnr_interval", 1))
+    square_dtype = args.square_dtype
+    interval = options.integer("--gsnr-interval", args.gsnr_interval, high=squares16.MAX_INTERVAL)
     if args.framework == "tf" and (square_dtype == "float16" or interval != 1):
         # The TF worker reduces through DistributedGradientTape, which keeps no state across steps.
         raise ValueError(f"invalid --square-dtype {square_dtype} / --gsnr-interval {interval} with --framework tf: "
@@ -418,21 +418,29 @@ def report_only(path: str) -> int:
     else:
         raise ValueError(f"invalid --report {path!r}: not a results.json that hvd-lb demo wrote, nor a job "
                          "folder (<out-dir>/job) with config.json and raw.json")
+    png = os.path.join(os.path.dirname(os.path.normpath(path)), "results.png")
+    _report(config, raw, result.get("total_wall_time_s"), png)
+    print(f"\nwrote {png}")
+    return 0
+
+
+def _report(config, raw, wall, png):
+    """Print the table (and the per-layer-type one), draw ``png``; returns the summary."""
+    from . import demo_report as report
+
     summary = report.summarize(config, raw)
-    print(report.format_table(config, summary, result.get("total_wall_time_s")))
+    print(report.format_table(config, summary, wall))
     layers = report.format_layer_types(config, raw, summary)
     if layers:
         print("\n" + layers)
-    png = os.path.join(os.path.dirname(os.path.normpath(path)), "results.png")
     report.plot(config, raw, summary, png)
-    print(f"\nwrote {png}")
-    return 0
+    return summary
 
 
 def main(args) -> int:
     from . import demo_report as report
 
-    if getattr(args, "report", None):
+    if args.report:
         return report_only(args.report)
     t0 = time.time()
     config = parse_config(args)
@@ -445,19 +453,13 @@ def main(args) -> int:
     for note in config["notes"]:
         print(f"note: {note}", flush=True)
     raw = run_job(config, out_dir, args.controller)
-    summary = report.summarize(config, raw)
     wall = time.time() - t0
-    table = report.format_table(config, summary, wall)
+    json_path, png_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.png")
     print()
-    print(table)
-    layers = report.format_layer_types(config, raw, summary)
-    if layers:
-        print("\n" + layers)
+    summary = _report(config, raw, wall, png_path)
     result = {"config": {k: v for k, v in config.items() if k != "runs"}, "summary": summary, "runs": raw,
               "by_layer_type": report.by_layer_type(config, raw, summary), "total_wall_time_s": wall}
-    json_path, png_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.png")
     with open(json_path, "w") as f:
         json.dump(result, f, indent=1)
-    report.plot(config, raw, summary, png_path)
     print(f"\nwrote {json_path} and {png_path}")
     return 0

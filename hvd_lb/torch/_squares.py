@@ -75,6 +75,14 @@ class MicroBatchSquares:
         self.prev.clear()
 
 
+def peaks(tensors) -> list:
+    """max of each tensor as host floats, in one read (0 for an empty tensor, on its device)."""
+    if not tensors:
+        return []
+    return torch.stack([t.max().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                        for t in tensors]).tolist()
+
+
 def norms(tensors):
     """‖t‖ per tensor as float64 0-dim tensors: one pass in float32 or wider, float64 only on overflow.
 
@@ -110,4 +118,4 @@ def follow_rescale(ss, norm1, norm0) -> None:
             s.mul_(f.to(s.dtype))
 
 
-__all__ = ["MicroBatchSquares", "follow_rescale", "norms", "work_dtype"]
+__all__ = ["MicroBatchSquares", "follow_rescale", "norms", "peaks", "work_dtype"]

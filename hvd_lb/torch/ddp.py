@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import rules, squares16
-from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
+from ._squares import MicroBatchSquares, follow_rescale, norms, peaks, work_dtype
 from .gsnr import GSNR, compiled_paths
 
 
@@ -167,9 +167,8 @@ class DDPStatistics:
         """
         W = self.world_size
         ps = [p for g in self.optimizer.param_groups for p in g["params"] if p in self._pending16]
-        peaks = torch.stack([self._pending16[p][0].max().float() if p.numel() else torch.zeros(())
-                             for p in ps]).tolist() if ps else []
-        redo = [p for p, m in zip(ps, peaks)
+        top = peaks([self._pending16[p][0] for p in ps])
+        redo = [p for p, m in zip(ps, top)
                 if squares16.needs_redo(m, m == 0 and p.grad is not None
                                         and bool(self._pending16[p][3].count_nonzero()))]
         if redo:
@@ -179,7 +178,7 @@ class DDPStatistics:
             for p, s in zip(redo, flat.split([p.numel() for p in redo])):
                 self._stats[p] = s.view_as(p)
         flagged = set(redo)
-        for p, m in zip(ps, peaks):
+        for p, m in zip(ps, top):
             half, local, e, gbar = self._pending16[p]
             if p not in flagged:
                 s = local.copy_(half).mul_(2.0 ** -e / W).view_as(p)
@@ -191,9 +190,7 @@ class DDPStatistics:
         self._pending16.clear()
         fresh = [p for p in self._stats if p in flagged or self._exponents.get(p) is None]
         if fresh:
-            maxima = torch.stack([self._stats[p].max().float() if p.numel() else torch.zeros(())
-                                  for p in fresh]).tolist()
-            for p, m in zip(fresh, maxima):
+            for p, m in zip(fresh, peaks([self._stats[p] for p in fresh])):
                 self._exponents[p] = squares16.next_exponent(m, W, 1.0, self._exponents.get(p))
 
     def _take(self, optimizer):
@@ -347,9 +344,9 @@ def register(model: DistributedDataParallel, optimizer: torch.optim.Optimizer, m
         rules.check_samples(workers, micro_batches)
         # Ranks that disagree would reduce different buckets (float16 beside ḡ or not, s or
         # not on a step) and hang: one small all-gather now, the same error on every rank.
-        mine = {"optimizer": f"{type(optimizer).__name__} ({getattr(optimizer, 'rule_name', '')})",
-                "micro_batches": micro_batches, "square_dtype": square_dtype, "gsnr_interval": gsnr_interval,
-                "GSNR maths compiled": compiled_paths(optimizer)}
+        # The Horovod wrapper's settings (skip_nonfinite, op and predivide: DDP has none of them).
+        mine = rules.agreement_settings(True, optimizer.optimizer, micro_batches, square_dtype, False, None, 1.0,
+                                        gsnr_interval, compiled_paths(optimizer))
         every = [None] * workers
         dist.all_gather_object(every, mine, group=group)
         ranks = dist.get_process_group_ranks(group) if hasattr(dist, "get_process_group_ranks") \

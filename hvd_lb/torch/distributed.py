@@ -26,7 +26,7 @@ import torch
 
 from .. import rules, squares16
 from ._ops import real_view, run_closure
-from ._squares import MicroBatchSquares, follow_rescale, norms, work_dtype
+from ._squares import MicroBatchSquares, follow_rescale, norms, peaks, work_dtype
 from .gsnr import GSNR, compiled_paths, unhooked_step
 
 try:
@@ -169,10 +169,6 @@ class _DistributedGSNR(GSNR):
         """Whether p's s is reduced this step: a statistics step, or none kept for p yet."""
         return squares16.is_statistics_step(self._stat_count, self.gsnr_interval) or p not in self._kept
 
-    def square_exponents(self):
-        """name → e of the float16 squares' next scale 2^e (None: float32 on the next reduction)."""
-        return {self._parameter_names[p]: self._exponents.get(p) for p in self._requires_update}
-
     def _densify(self, p):
         if p.grad.is_sparse:
             if not self._warned_sparse:
@@ -213,7 +209,6 @@ class _DistributedGSNR(GSNR):
         pre, post = self._scale
         if not self._needs_stats(p):
             # gsnr_interval: ḡ alone; s of the last statistics step is reused (SPEC §1).
-            self._squares.take(p, self.micro_batches)
             h = hvd.grouped_allreduce_async_([grad, present], name=name, op=self.op, process_set=self.process_set,
                                              prescale_factor=pre, postscale_factor=post)
             self._handles[p] = ("grad", h, ctx)
@@ -335,9 +330,8 @@ class _DistributedGSNR(GSNR):
         """
         W, f = self.process_set.size(), 1.0 / self._scale[0]
         ps = list(half)
-        peaks = torch.stack([h.max().float() if h.numel() else h.new_zeros((), dtype=torch.float32)
-                             for h in half.values()]).tolist() if ps else []
-        redo = [p for p, m in zip(ps, peaks)
+        top = peaks(list(half.values()))
+        redo = [p for p, m in zip(ps, top)
                 if squares16.needs_redo(m, m == 0 and bool(p.grad.count_nonzero()))]
         pre, post = self._scale
         handles = [hvd.allreduce_async_(self._local[p], name=self._parameter_names[p] + ".sq32", op=self.op,
@@ -347,7 +341,7 @@ class _DistributedGSNR(GSNR):
         for p, h in zip(redo, handles):
             self._stats[p] = self._as_stats(p, hvd.synchronize(h))
         flagged = set(redo)
-        for p, m in zip(ps, peaks):
+        for p, m in zip(ps, top):
             if p in flagged:
                 continue
             e = self._exponents[p]
@@ -360,9 +354,7 @@ class _DistributedGSNR(GSNR):
         # First step (or a redo): e from the float32 s just reduced.
         fresh = [p for p in self._stats if p in flagged or p not in self._exponents or self._exponents[p] is None]
         if fresh:
-            maxima = torch.stack([real_view(self._stats[p]).max().float() if self._stats[p].numel()
-                                  else torch.zeros(()) for p in fresh]).tolist()
-            for p, m in zip(fresh, maxima):
+            for p, m in zip(fresh, peaks([real_view(self._stats[p]) for p in fresh])):
                 self._exponents[p] = squares16.next_exponent(m, W, f, self._exponents.get(p))
         self._local.clear()
 

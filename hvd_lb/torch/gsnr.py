@@ -150,6 +150,7 @@ class GSNR(torch.optim.Optimizer):
         self._gsnr_sq_owned = False  # True: the step may overwrite the s tensors (a wrapper's buffers)
         self._gsnr_source = None   # callable giving s when none was set (ddp.register)
         self._gsnr_diag = ()
+        self._gsnr_floor = None    # ε_w of float16 squares (squares16.variance_floor), set with s
         self._patch_step_function()
 
     def _setup_group(self, group) -> None:
@@ -226,6 +227,7 @@ class GSNR(torch.optim.Optimizer):
         if not isinstance(getattr(self.optimizer, "_param_names", None), dict):
             self.optimizer._param_names = names
         self._gsnr_sq, self._gsnr_sq_owned, self._gsnr_source, self._gsnr_diag = None, False, None, ()
+        self._gsnr_floor = None
         self._patch_step_function()
 
     def __repr__(self) -> str:
@@ -276,11 +278,9 @@ class GSNR(torch.optim.Optimizer):
     def _gsnr_step(self) -> None:
         sq, self._gsnr_sq = self._gsnr_sq, None
         owned, self._gsnr_sq_owned = self._gsnr_sq_owned, False
-        # ε_w of float16 squares (hvd_lb.squares16.variance_floor), set with s by the wrapper.
-        floor, self._gsnr_floor = getattr(self, "_gsnr_floor", None), None
         if sq is None and self._gsnr_source is not None:
             sq, owned = self._gsnr_source(self)
-            floor, self._gsnr_floor = getattr(self, "_gsnr_floor", None), None
+        floor, self._gsnr_floor = self._gsnr_floor, None
         diag, swapped, new_state = [], [], []
         for group in self.param_groups:
             skip = set(group["gsnr_exclude"])
